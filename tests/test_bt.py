@@ -1,0 +1,191 @@
+"""The BT core against torch autograd, per-user loops and hand-worked cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine import bt
+
+
+def unit_rows(rng, n, d):
+    a = rng.normal(size=(n, d))
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def problem(seed, n, d):
+    rng = np.random.default_rng(seed)
+    return unit_rows(rng, 1, d)[0], unit_rows(rng, n, d), unit_rows(rng, n, d), rng
+
+
+def autograd(loss_fn, x, *args, **kwargs):
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    loss = loss_fn(xt, *[torch.as_tensor(a, dtype=torch.float64) for a in args], **kwargs)
+    loss.backward()
+    return xt.grad.numpy()
+
+
+@pytest.mark.parametrize("n,d,beta,weighted", [
+    (1, 4, 1.0, False), (7, 16, 1.0, True), (50, 512, 3.0, False), (13, 64, 0.25, True), (200, 32, 10.0, True),
+])
+def test_closed_form_gradient_equals_autograd(n, d, beta, weighted):
+    x, p, r, rng = problem(n * d, n, d)
+    w = rng.uniform(0, 2, size=n) if weighted else None
+    want = autograd(bt.preference_loss, x, p, r, beta=beta,
+                    weights=None if w is None else torch.tensor(w))
+    got = bt.preference_gradient(x, p, r, beta=beta, weights=w)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # and the closed form is eq. 4 literally: mean of w * beta * (p1 - 1) * (y1 - y2)
+    p1 = 1 / (1 + np.exp(-beta * ((p - r) @ x)))
+    literal = np.mean((np.ones(n) if w is None else w)[:, None] * beta * (p1 - 1)[:, None] * (p - r), axis=0)
+    np.testing.assert_allclose(got, literal, atol=1e-10)
+
+
+def test_probability_is_eq2_softmax_of_similarities():
+    x, p, r, _ = problem(1, 5, 8)
+    s1, s2 = p @ x, r @ x
+    np.testing.assert_allclose(bt.preference_probability(x, p, r), np.exp(s1) / (np.exp(s1) + np.exp(s2)))
+    np.testing.assert_allclose(bt.similarity(x, p), s1)
+    np.testing.assert_allclose(bt.similarity(np.stack([x, -x]), p), np.stack([s1, -s1]))
+
+
+def test_loss_is_mean_negative_log_probability():
+    x, p, r, _ = problem(2, 9, 8)
+    want = -np.log(bt.preference_probability(x, p, r, beta=2.0)).mean()
+    np.testing.assert_allclose(bt.preference_loss(x, p, r, beta=2.0), want)
+
+
+def test_one_step_raises_the_log_likelihood():
+    for seed in range(20):
+        x, p, r, _ = problem(seed, 10, 32)
+        before = bt.preference_loss(x, p, r)
+        after = bt.preference_loss(bt.adapt(x, p, r, lr=0.5, steps=1), p, r)
+        assert after < before, seed
+
+
+def test_adapt_is_repeated_gradient_steps():
+    x, p, r, _ = problem(3, 6, 16)
+    manual = x.copy()
+    for _ in range(4):
+        manual = manual - 0.3 * bt.preference_gradient(manual, p, r, beta=2.0)
+    np.testing.assert_allclose(bt.adapt(x, p, r, lr=0.3, steps=4, beta=2.0), manual, atol=1e-12)
+    normalized = bt.adapt(x, p, r, lr=0.3, steps=4, beta=2.0, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(normalized), 1.0)
+
+
+def test_numpy_in_numpy_out_torch_in_torch_out():
+    x, p, r, _ = problem(4, 3, 8)
+    out = bt.adapt(x.astype(np.float32), p.astype(np.float32), r.astype(np.float32))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    out_t = bt.adapt(torch.tensor(x), torch.tensor(p), torch.tensor(r))
+    assert isinstance(out_t, torch.Tensor)
+    np.testing.assert_allclose(out_t.numpy(), bt.adapt(x, p, r))
+
+
+def test_batched_equals_per_user_loop():
+    rng = np.random.default_rng(5)
+    d, b = 24, 9
+    queries = unit_rows(rng, b, d)
+    counts = [0, 1, 3, 7, 0, 2, 50, 5, 1]  # ragged, including users with no pairs
+    owner = np.repeat(np.arange(b), counts)
+    p, r = unit_rows(rng, len(owner), d), unit_rows(rng, len(owner), d)
+    w = rng.uniform(0.1, 2.0, size=len(owner))
+    for normalize in (False, True):
+        got = bt.adapt_batched(queries, p, r, owner, lr=0.7, steps=5, beta=2.0, weights=w, normalize=normalize)
+        for i in range(b):
+            sel = owner == i
+            want = bt.adapt(queries[i], p[sel], r[sel], lr=0.7, steps=5, beta=2.0, weights=w[sel], normalize=normalize)
+            np.testing.assert_allclose(got[i], want, atol=1e-10)
+    np.testing.assert_array_equal(got[0], queries[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_batched_runs_on_cuda_and_matches_cpu():
+    rng = np.random.default_rng(6)
+    q, p, r = unit_rows(rng, 4, 16), unit_rows(rng, 10, 16), unit_rows(rng, 10, 16)
+    owner = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    cpu = bt.adapt_batched(q, p, r, owner)
+    gpu = bt.adapt_batched(*(torch.tensor(a).cuda() for a in (q, p, r, owner)))
+    assert gpu.is_cuda
+    np.testing.assert_allclose(gpu.cpu().numpy(), cpu, atol=1e-6)
+
+
+@pytest.mark.parametrize("r_,m,d,beta", [(1, 2, 4, 1.0), (5, 4, 16, 1.0), (3, 7, 32, 2.5)])
+def test_plackett_luce_gradient_equals_autograd(r_, m, d, beta):
+    rng = np.random.default_rng(r_ * m)
+    x = unit_rows(rng, 1, d)[0]
+    rankings = unit_rows(rng, r_ * m, d).reshape(r_, m, d)
+    lengths = rng.integers(2, m + 1, size=r_)
+    w = rng.uniform(0, 2, size=r_)
+    want = autograd(bt.plackett_luce_loss, x, rankings, lengths=torch.tensor(lengths), beta=beta, weights=torch.tensor(w))
+    np.testing.assert_allclose(bt.plackett_luce_gradient(x, rankings, lengths, beta=beta, weights=w), want, atol=1e-5)
+
+
+def test_plackett_luce_reduces_to_bt_for_two_items():
+    x, p, r, _ = problem(7, 11, 16)
+    rankings = np.stack([p, r], axis=1)
+    np.testing.assert_allclose(bt.plackett_luce_loss(x, rankings, beta=1.7), bt.preference_loss(x, p, r, beta=1.7))
+    np.testing.assert_allclose(bt.plackett_luce_gradient(x, rankings, beta=1.7), bt.preference_gradient(x, p, r, beta=1.7))
+    np.testing.assert_allclose(bt.adapt_plackett_luce(x, rankings, lr=0.5, steps=3),
+                               bt.adapt(x, p, r, lr=0.5, steps=3))
+
+
+def test_plackett_luce_loss_is_sequential_choice_probability():
+    rng = np.random.default_rng(8)
+    x, items = unit_rows(rng, 1, 8)[0], unit_rows(rng, 4, 8)
+    s = items @ x
+    want = -sum(s[k] - np.log(np.exp(s[k:]).sum()) for k in range(3))
+    np.testing.assert_allclose(bt.plackett_luce_loss(x, items[None]), want)
+    padded, lengths = bt.pad_rankings([items, items[:2]])
+    two = -(s[0] - np.log(np.exp(s[:2]).sum()))
+    np.testing.assert_allclose(bt.plackett_luce_loss(x, padded, lengths), (want + two) / 2)
+
+
+def test_baselines_match_their_formulas():
+    x, p, r, _ = problem(9, 6, 8)
+    np.testing.assert_allclose(bt.positive_only(x, p, lr=0.5), x + 0.5 * p.mean(0))
+    np.testing.assert_allclose(bt.rocchio(x, p, r), x + 0.75 * p.mean(0) - 0.15 * r.mean(0))
+    np.testing.assert_allclose(bt.rocchio(x, p, r, 0.5, 1.0, 0.0), 0.5 * x + p.mean(0))
+    np.testing.assert_allclose(bt.average_vector(x, p, r), 2 * p.mean(0) - r.mean(0))
+
+
+def test_empty_pair_sets_are_a_documented_no_op():
+    x, _, _, _ = problem(10, 1, 8)
+    empty = np.zeros((0, 8))
+    for out in (bt.adapt(x, empty, empty), bt.positive_only(x, empty), bt.rocchio(x, empty, empty),
+                bt.average_vector(x, empty, empty), bt.adapt_plackett_luce(x, np.zeros((0, 3, 8)))):
+        np.testing.assert_array_equal(out, x)
+    assert bt.preference_loss(x, empty, empty) == 0
+    np.testing.assert_array_equal(bt.preference_gradient(x, empty, empty), np.zeros(8))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda x, p, r: (np.where(np.arange(8) == 3, np.nan, x), p, r), r"x\[3\] is nan"),
+    (lambda x, p, r: (x, p, np.vstack([r[:1], np.full((1, 8), np.inf)])), r"rejected\[1, 0\] is inf"),
+    (lambda x, p, r: (x, np.vstack([p[:1], np.zeros((1, 8))]), r), r"preferred\[1\] is a zero vector"),
+    (lambda x, p, r: (x, p[:, :7], r[:, :7]), r"preferred must have shape \(N, 8\) to match the query, got \(2, 7\)"),
+    (lambda x, p, r: (x, p, r[:1]), r"preferred has 2 rows but rejected has 1"),
+    (lambda x, p, r: (x[None], p, r), r"x must be one vector of shape \(d,\), got shape \(1, 8\)"),
+])
+def test_bad_inputs_raise_a_clear_error(mutate, message):
+    x, p, r, _ = problem(11, 2, 8)
+    with pytest.raises(bt.AdaptationInputError, match=message):
+        bt.adapt(*mutate(x, p, r))
+
+
+def test_bad_hyper_parameters_and_owner_raise():
+    x, p, r, _ = problem(12, 2, 8)
+    with pytest.raises(bt.AdaptationInputError, match="beta must be a finite number > 0, got 0"):
+        bt.adapt(x, p, r, beta=0)
+    with pytest.raises(bt.AdaptationInputError, match="lr must be a finite number >= 0, got nan"):
+        bt.adapt(x, p, r, lr=float("nan"))
+    with pytest.raises(bt.AdaptationInputError, match=r"weights\[1\] is -1.0"):
+        bt.adapt(x, p, r, weights=np.array([1.0, -1.0]))
+    with pytest.raises(bt.AdaptationInputError, match=r"owner contains 5, outside the 2 queries"):
+        bt.adapt_batched(np.stack([x, x]), p, r, np.array([0, 5]))
+
+
+def test_zero_query_is_valid_and_moves_toward_preferred():
+    _, p, r, _ = problem(13, 4, 8)
+    out = bt.adapt(np.zeros(8), p, r, lr=1.0, steps=1)
+    np.testing.assert_allclose(out, 0.5 * (p - r).mean(0))
+    assert np.all(np.isfinite(out))
