@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from engine.demo import DemoConfig, run_demo
 from storage.errors import ClipbtError
 from storage.home import ENV_VAR, data_home
 
@@ -46,3 +47,39 @@ def main(ctx: click.Context, home: Path | None) -> None:
         clipbt demo
     """
     ctx.obj = CliContext(home=data_home(home))
+
+
+@main.command()
+@click.option("--images", type=click.IntRange(min=20), default=DemoConfig.images, show_default=True,
+              help="How many world images to generate and index.")
+@click.option("--query", default=DemoConfig.query, show_default=True, help="The query searched before and after.")
+@click.option("--questions", type=click.IntRange(min=1), default=DemoConfig.questions, show_default=True,
+              help="Pairwise questions the simulated user answers.")
+@click.pass_obj
+def demo(obj: CliContext, images: int, query: str, questions: int) -> None:
+    """Show clipbt end to end on a generated collection with the shipped model.
+
+    Generates world images under the data home, indexes them, searches, lets a simulated user
+    with a hidden taste answer pairwise questions, searches again and prints both result lists
+    with a contact sheet PNG.
+
+    Example:
+
+        clipbt demo --images 2000 --query "a red circle"
+    """
+    run_demo(obj.home, DemoConfig(images=images, query=query, questions=questions), echo=click.echo)
+
+
+from engine.bench_cli import bench  # noqa: E402
+
+main.add_command(bench)
+
+from indexer.cli import export_embeddings_command, import_embeddings_command, index_command  # noqa: E402
+
+for _command in (index_command, import_embeddings_command, export_embeddings_command):
+    main.add_command(_command)
+
+from engine.commands import COMMANDS as _QUERY_COMMANDS  # noqa: E402
+
+for _command in _QUERY_COMMANDS:
+    main.add_command(_command)

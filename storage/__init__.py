@@ -1,0 +1,77 @@
+"""Durable state of clipbt: collections, images, embeddings, FAISS index files, users, preferences.
+
+Where things live
+    One SQLAlchemy URL picks the database. By default it is the SQLite file
+    `<data home>/clipbt.db`, the data home being `$CLIPBT_HOME`, else `$XDG_DATA_HOME/clipbt`,
+    i.e. `~/.local/share/clipbt`. `Store.open("postgresql://user@host/db")` uses PostgreSQL
+    through psycopg 3 instead. FAISS index files sit in `indexes/<store id>/collection-<id>/`
+    beside the SQLite file, or under the data home for PostgreSQL.
+
+SQLite settings
+    WAL journal, foreign keys on, a 30 s busy timeout, and every write transaction opened with
+    BEGIN IMMEDIATE so concurrent writers queue instead of failing. `synchronous=FULL`: with WAL,
+    NORMAL already keeps every committed transaction when the *process* is killed (the WAL is in
+    the OS page cache), FULL also keeps it through power loss, for one fsync per commit (well
+    under a millisecond here); preferences are written one click at a time, so FULL is the default.
+
+Embeddings
+    Stored in SQL, in an `embeddings` table (image id, raw little-endian bytes), float16 unless
+    the collection was created with `embedding_dtype="float32"`. An image row and its embedding
+    are written in the same transaction, so they can never disagree, and every FAISS index can
+    be rebuilt from SQL alone. float16 keeps each component to 5e-4 relative error at half
+    the space.
+
+FAISS index files
+    `VectorStore.save_index` writes the index to a temporary file, fsyncs it, renames it to
+    `index-<sha256 prefix>.faiss`, then atomically replaces `manifest.json` (count, id range,
+    sha256 of the id set, index type, model, checkpoint, dim, file checksum): the manifest
+    is the commit point. `load_index` returns None with a `reason` when the manifest is missing,
+    the file is corrupt, the model differs, a live image is missing or an unknown id is present;
+    the caller rebuilds and prints the reason. FAISS ids are SQL image ids. Deleted images are
+    only flagged; `Store.deleted_ids()` lists them so the searcher drops them from results, which
+    works for GPU indexes too (they cannot remove ids).
+
+Preferences
+    `add_pair` stores one pair. `add_ranking` stores a ranking (best first) as such, for
+    Plackett-Luce; `add_feedback` stores thumbs up/down as such. `pairs()` returns the stored
+    pairs plus the pairs these imply, computed when read, never stored twice: every image over
+    every later one of a ranking ("full breaking", consistent for Plackett-Luce), every good over
+    every bad of a feedback, weight 1 each, id None and `ranking_id` set.
+    Duplicates: a pair (or ranking, or feedback) identical to the same user's most recent one of
+    its kind (same query, images in the same order, weight, source) is a resubmission: nothing is
+    stored and the earlier id is returned. A repeat after something else is new evidence and kept.
+    Query text is stripped; empty text is refused.
+
+Schema versions
+    `clipbt_meta` records `schema_version`. Opening a store applies, in one transaction, the
+    ordered migrations from its version to the current one (`storage._schema.MIGRATIONS`); a store
+    newer than the code is refused. Plain functions, not alembic: the schema is a handful of
+    tables, migrations must run unattended inside `Store.open` on both SQLite and PostgreSQL, and
+    this adds no runtime dependency or configuration files.
+"""
+
+from storage.records import (
+    Collection,
+    ConsistencyReport,
+    Feedback,
+    Image,
+    ImageRecord,
+    PreferencePair,
+    Ranking,
+)
+from storage.store import Store, StoreConfig
+from storage.vector import IndexExpectation, VectorStore
+
+__all__ = [
+    "Collection",
+    "ConsistencyReport",
+    "Feedback",
+    "Image",
+    "ImageRecord",
+    "IndexExpectation",
+    "PreferencePair",
+    "Ranking",
+    "Store",
+    "StoreConfig",
+    "VectorStore",
+]

@@ -3,3 +3,59 @@
 
 class ClipbtError(Exception):
     """Base of every error clipbt raises on purpose; the CLI prints it as `Error: <message>`."""
+
+
+class StoreError(ClipbtError):
+    """The store cannot be opened or used: unreachable database, unsupported URL."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer clipbt whose schema this version cannot read."""
+
+
+class StoreCorruptError(StoreError):
+    """Stored data contradicts itself in a way that cannot be repaired by rebuilding."""
+
+
+class UnknownCollectionError(ClipbtError, LookupError):
+    """No collection has this name or id."""
+
+
+class CollectionExistsError(ClipbtError, ValueError):
+    """A collection with this name already exists."""
+
+
+class CollectionMismatchError(ClipbtError, ValueError):
+    """An existing collection was made with another model, checkpoint or dimension."""
+
+
+class UnknownImageError(ClipbtError, LookupError):
+    """No live image has this id or uri."""
+
+
+class ForeignImageError(ClipbtError, ValueError):
+    """The image exists but belongs to another collection than the one asked for."""
+
+
+class DuplicateImageError(ClipbtError, ValueError):
+    """A live image with this uri is already in the collection."""
+
+
+class InvalidRecordError(ClipbtError, ValueError):
+    """An image record or embedding array is malformed."""
+
+
+class UnknownUserError(ClipbtError, LookupError):
+    """No user has this name."""
+
+
+class InvalidUserError(ClipbtError, ValueError):
+    """A user name is empty or too long."""
+
+
+class InvalidPreferenceError(ClipbtError, ValueError):
+    """A pair, ranking or feedback is malformed: same image twice, empty query, bad weight."""
+
+
+class InvalidIndexError(ClipbtError, ValueError):
+    """A FAISS index handed to the vector store cannot be saved as the collection's index."""

@@ -1,0 +1,297 @@
+"""The query and preference commands of `clipbt`: search, prefer, rank, feedback, compare, prefs, users, info."""
+
+import dataclasses
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import numpy as np
+
+from engine.preferences import collection_info, export_preferences, import_preferences
+from engine.search import SCOPES, EmptyCollectionError, Engine, SearchConfig, SearchRequest
+from storage import Store
+
+collection_option = click.option("--collection", "-c", default="default", show_default=True,
+                                 help="Collection to use.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+user_option = click.option("--user", "-u", required=True, help="User name (created if new).")
+query_option = click.option("--query", "-q", required=True, help="The query text the preference is about.")
+
+
+@contextmanager
+def _store(obj):
+    with Store.open(home=obj.home) as store:
+        yield store
+
+
+@contextmanager
+def _engine(obj, collection: str, config: SearchConfig = SearchConfig()):
+    with _store(obj) as store:
+        yield Engine.open(store, collection, config)
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.command()
+@click.argument("text", required=False)
+@click.option("--user", "-u", help="Personalise with this user's preferences.")
+@click.option("-k", "k", default=10, show_default=True, help="How many images to return.")
+@click.option("--vector", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Search with this query embedding (.npy, shape (dim,)) instead of encoding TEXT.")
+@click.option("--no-adapt", is_flag=True, help="Ignore the user's preferences: the plain query.")
+@click.option("--lr", type=float, help=f"BT step size (default {SearchConfig().adapt.lr}).")
+@click.option("--steps", type=int, help=f"BT gradient steps (default {SearchConfig().adapt.steps}).")
+@click.option("--beta", type=float, help=f"BT inverse temperature (default {SearchConfig().adapt.beta}).")
+@click.option("--scope", type=click.Choice(SCOPES),
+              help=f"Which of the user's pairs count (default {SearchConfig().scope}).")
+@collection_option
+@json_option
+@click.pass_obj
+def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collection, as_json):
+    """Find the K images that best match TEXT, personalised for --user.
+
+    Example:
+
+        clipbt search "a red circle" --user ann -k 5
+    """
+    changes = {name: value for name, value in (("lr", lr), ("steps", steps), ("beta", beta)) if value is not None}
+    config = SearchConfig(adapt=dataclasses.replace(SearchConfig().adapt, **changes),
+                          scope=scope or SearchConfig().scope)
+    query_vector = None
+    if vector is not None:
+        try:
+            query_vector = np.load(vector, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"cannot read query vector {str(vector)!r}: {exc}") from None
+    with _engine(obj, collection, config) as engine:
+        hits = engine.search_many([SearchRequest(text, None if no_adapt else user, k, query_vector)])[0]
+    if as_json:
+        _print_json([hit.to_dict() for hit in hits])
+        return
+    for hit in hits:
+        click.echo(f"{hit.rank:>3}  {hit.id:>6}  {hit.score:8.4f}  {hit.path}")
+
+
+@click.command()
+@user_option
+@query_option
+@click.argument("preferred")
+@click.argument("rejected")
+@collection_option
+@click.pass_obj
+def prefer(obj, user, query, preferred, rejected, collection):
+    """Record that --user preferred image PREFERRED over REJECTED (ids or paths) for --query.
+
+    Example:
+
+        clipbt prefer --user ann --query "a red circle" 12 7
+    """
+    with _engine(obj, collection) as engine:
+        engine.prefer(user, query, preferred, rejected)
+    click.echo(f"{user} prefers {preferred} over {rejected} for {query!r}")
+
+
+@click.command()
+@user_option
+@query_option
+@click.argument("images", nargs=-1, required=True)
+@collection_option
+@click.pass_obj
+def rank(obj, user, query, images, collection):
+    """Record --user's ranking of IMAGES (ids or paths), best first, for --query.
+
+    Example:
+
+        clipbt rank --user ann --query "a red circle" 12 7 3
+    """
+    with _engine(obj, collection) as engine:
+        engine.rank(user, query, list(images))
+    click.echo(f"{user} ranks {' > '.join(images)} for {query!r}")
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@user_option
+@query_option
+@click.argument("marked", nargs=-1, required=True)
+@collection_option
+@click.pass_obj
+def feedback(obj, user, query, marked, collection):
+    """Thumbs up (--good IMAGES...) and down (--bad IMAGES...) for --query; it counts as every good
+    image preferred over every bad one.
+
+    Example:
+
+        clipbt feedback --user ann --query "a red circle" --good 12 3 --bad 7 9
+    """
+    groups = {"--good": [], "--bad": []}
+    current = None
+    for token in marked:
+        if token in groups:
+            current = token
+        elif current is None or token.startswith("--"):
+            raise click.UsageError(f"expected --good or --bad before {token!r}")
+        else:
+            groups[current].append(token)
+    with _engine(obj, collection) as engine:
+        engine.feedback(user, query, groups["--good"], groups["--bad"])
+    click.echo(f"{user}: {len(groups['--good'])} good, {len(groups['--bad'])} bad for {query!r}")
+
+
+@click.command()
+@click.option("--user", "-u", help="Whose preferences apply (none: the plain model).")
+@query_option
+@click.argument("a")
+@click.argument("b")
+@collection_option
+@json_option
+@click.pass_obj
+def compare(obj, user, query, a, b, collection, as_json):
+    """P(image A beats image B) for --user and --query: the preference model as a reward model.
+
+    Example:
+
+        clipbt compare --user ann --query "a red circle" 12 7 --json
+    """
+    with _engine(obj, collection) as engine:
+        p = engine.compare(user, query, a, b)
+    if as_json:
+        _print_json({"a": a, "b": b, "p": p})
+    else:
+        click.echo(f"P({a} over {b}) = {p:.4f}")
+
+
+@click.group()
+def prefs():
+    """List, export or import preferences.
+
+    Example:
+
+        clipbt prefs export --user ann > ann.jsonl
+    """
+
+
+@prefs.command("list")
+@click.option("--user", "-u", help="Only this user (default: everyone).")
+@json_option
+@click.pass_obj
+def prefs_list(obj, user, as_json):
+    """List stored preferences (pairs, rankings, feedback), oldest first per user.
+
+    Example:
+
+        clipbt prefs list --user ann --json
+    """
+    with _store(obj) as store:
+        records = list(export_preferences(store, user))
+    if as_json:
+        _print_json(records)
+        return
+    for r in records:
+        if r["kind"] == "pair":
+            what = f"{r['preferred']} > {r['rejected']}"
+        elif r["kind"] == "ranking":
+            what = " > ".join(r["images"])
+        else:
+            what = f"good {', '.join(r['good']) or '-'}; bad {', '.join(r['bad']) or '-'}"
+        click.echo(f"{r['user']}\t{r['kind']}\t{r['query']!r}\t{what}")
+
+
+@prefs.command("export")
+@click.option("--user", "-u", help="Only this user (default: everyone).")
+@click.option("--output", "-o", type=click.File("w"), default="-", help="File to write (default: stdout).")
+@click.pass_obj
+def prefs_export(obj, user, output):
+    """Write preferences as JSON lines, images named by path.
+
+    Example:
+
+        clipbt prefs export --user ann -o ann.jsonl
+    """
+    with _store(obj) as store:
+        for record in export_preferences(store, user):
+            output.write(json.dumps(record) + "\n")
+
+
+@prefs.command("import")
+@click.argument("file", type=click.File("r"))
+@json_option
+@click.pass_obj
+def prefs_import(obj, file, as_json):
+    """Read preferences from JSON lines written by `prefs export` (- for stdin).
+
+    Example:
+
+        clipbt prefs import ann.jsonl
+    """
+    with _store(obj) as store:
+        counts = import_preferences(store, file)
+    if as_json:
+        _print_json(counts)
+    else:
+        click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + " imported")
+
+
+@click.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def users(ctx, as_json):
+    """List users; `users delete U` removes one with every trace of them.
+
+    Example:
+
+        clipbt users --json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with _store(ctx.obj) as store:
+        names = store.users()
+    if as_json:
+        _print_json(names)
+    else:
+        for name in names:
+            click.echo(name)
+
+
+@users.command("delete")
+@click.argument("user")
+@click.pass_obj
+def users_delete(obj, user):
+    """Delete USER and all their preferences.
+
+    Example:
+
+        clipbt users delete ann
+    """
+    with _store(obj) as store:
+        removed = store.delete_user(user)
+    click.echo(f"deleted user {user!r}: {removed['pairs']} pairs, {removed['rankings']} rankings, "
+               f"{removed['feedback']} feedback")
+
+
+@click.command()
+@collection_option
+@json_option
+@click.pass_obj
+def info(obj, collection, as_json):
+    """Show the collection, its model, counts, index type and device.
+
+    Example:
+
+        clipbt info --json
+    """
+    with _store(obj) as store:
+        if not store.collections():
+            raise EmptyCollectionError("no collection yet: add images with `clipbt index PATH`")
+        data = collection_info(store, collection)
+    if as_json:
+        _print_json(data)
+    else:
+        width = max(map(len, data))
+        for key, value in data.items():
+            click.echo(f"{key:<{width}}  {value}")
+
+
+COMMANDS = (search, prefer, rank, feedback, compare, prefs, users, info)

@@ -1,0 +1,114 @@
+"""Preferences as portable JSON records (export / import by image path), and a collection's summary."""
+
+import json
+from collections.abc import Iterable, Iterator
+
+from storage import Store
+from storage.errors import ClipbtError
+
+
+class PreferenceRecordError(ClipbtError, ValueError):
+    """A line of a preferences file is not a valid pair, ranking or feedback record."""
+
+
+def export_preferences(store: Store, user: str | None = None) -> Iterator[dict]:
+    """Every stored preference of `user` (or of every user), oldest first per user, as records:
+
+    {"kind": "pair", "user", "collection", "query", "preferred", "rejected", "weight", "source", "created"}
+    {"kind": "ranking", ..., "images": [best first]}   {"kind": "feedback", ..., "good": [...], "bad": [...]}
+
+    Images are named by path (uri), so a file moves between stores that indexed the same files.
+    Pairs implied by rankings and feedback are not repeated.
+    """
+    names = {c.id: c.name for c in store.collections()}
+    uris: dict[int, dict[int, str]] = {}
+
+    def uri(collection_id: int, image_id: int) -> str:
+        if collection_id not in uris:
+            uris[collection_id] = {i.id: i.uri for i in store.images(collection_id, include_deleted=True)}
+        return uris[collection_id][image_id]
+
+    for name in [user] if user is not None else store.users():
+        records = []
+        for p in store.pairs(name):
+            if p.id is not None:
+                records.append((p.created, {
+                    "kind": "pair", "user": name, "collection": names[p.collection_id], "query": p.query,
+                    "preferred": uri(p.collection_id, p.preferred_id), "rejected": uri(p.collection_id, p.rejected_id),
+                    "weight": p.weight, "source": p.source, "created": p.created.isoformat()}))
+        for r in store.rankings(name):
+            records.append((r.created, {
+                "kind": "ranking", "user": name, "collection": names[r.collection_id], "query": r.query,
+                "images": [uri(r.collection_id, i) for i in r.image_ids], "source": r.source,
+                "created": r.created.isoformat()}))
+        for f in store.feedback(name):
+            records.append((f.created, {
+                "kind": "feedback", "user": name, "collection": names[f.collection_id], "query": f.query,
+                "good": [uri(f.collection_id, i) for i in f.good_ids], "bad": [uri(f.collection_id, i) for i in f.bad_ids],
+                "source": f.source, "created": f.created.isoformat()}))
+        yield from (record for _, record in sorted(records, key=lambda r: r[0]))
+
+
+def import_preferences(store: Store, lines: Iterable[str]) -> dict[str, int]:
+    """Add the records of `export_preferences` (one JSON object per line; blank lines skipped),
+    resolving image paths in the named collection. Returns how many of each kind were read.
+    Stored anew: `created` becomes the import time; a record equal to the user's last one is
+    not duplicated (see `Store.add_pair`)."""
+    counts = {"pair": 0, "ranking": 0, "feedback": 0}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            kind, user, query = record["kind"], record["user"], record["query"]
+            collection = store.collection(record["collection"])
+            source = record.get("source", kind)
+
+            def ids(refs):
+                return [store.find_image(collection.id, ref).id for ref in refs]
+
+            if kind == "pair":
+                preferred, rejected = ids([record["preferred"], record["rejected"]])
+                store.add_pair(user, query, preferred, rejected, record.get("weight", 1.0), source)
+            elif kind == "ranking":
+                store.add_ranking(user, query, ids(record["images"]), source)
+            elif kind == "feedback":
+                store.add_feedback(user, query, ids(record["good"]), ids(record["bad"]), source)
+            else:
+                raise PreferenceRecordError(f"line {number}: unknown kind {kind!r} (pair, ranking or feedback)")
+        except json.JSONDecodeError as exc:
+            raise PreferenceRecordError(f"line {number} is not JSON: {exc.msg}") from None
+        except (KeyError, TypeError) as exc:
+            raise PreferenceRecordError(f"line {number} lacks field {exc} of a {line.strip()[:80]!r} record") from None
+        except ClipbtError as exc:
+            if isinstance(exc, PreferenceRecordError):
+                raise
+            raise type(exc)(f"line {number}: {exc}") from None
+        counts[kind] += 1
+    return counts
+
+
+def collection_info(store: Store, collection: str = "default") -> dict:
+    """What `clipbt info` shows: the collection, its model, counts, index type and device."""
+    import torch
+
+    from indexer.faiss_index import require_faiss
+
+    coll = store.collection(collection)
+    users = store.users()
+    pairs = sum(len(store.pairs(u, coll.id)) for u in users)
+    manifest = store.vector_store(coll).manifest() or {}
+    faiss = require_faiss()
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return {
+        "collection": coll.name,
+        "model": coll.model,
+        "pretrained": coll.pretrained,
+        "dim": coll.dim,
+        "images": len(store.image_ids(coll.id)),
+        "deleted": len(store.deleted_ids(coll.id)),
+        "users": len(users),
+        "pairs": pairs,
+        "index_type": manifest.get("index_type", "none (built on first search)"),
+        "device": ("cuda" if torch.cuda.is_available() else "cpu") + f", faiss on {'gpu' if gpus else 'cpu'}",
+    }

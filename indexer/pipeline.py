@@ -1,0 +1,247 @@
+"""The ingestion pipeline (discover -> read + hash -> decode in workers -> encode -> commit per batch -> FAISS index) and index loading for search.
+
+Crash safety: each batch is one `Store.add_images` transaction, so a killed run loses at most the
+batch in flight; the next run hashes every file again, finds the committed ones unchanged and
+encodes the rest. A changed file's old row is marked deleted just before its new row is added
+(two transactions: a kill between them only means that file is encoded again next run). The FAISS
+index is saved after the last batch; a run killed earlier leaves it stale, which the next run or
+`open_index` notices (storage's manifest) and rebuilds from the embeddings in SQL.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from indexer.encoder import Encoder
+from indexer.faiss_index import build_index, check_index_type, plan_index, search, to_gpu
+from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
+from storage import Collection, ImageRecord, Store
+from storage.errors import CollectionMismatchError
+
+log = logging.getLogger(__name__)
+
+_REUSE_LIMIT = 0.1  # an existing index is extended (not rebuilt) while added or deleted ids stay under this share
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How `index_paths` runs."""
+
+    batch_size: int = 256  # images per encoder batch, and per committed transaction (what a kill can lose)
+    workers: int | None = None  # decoding processes; None: one per CPU core but one (max 32); 0: in-process
+    remove_missing: bool = False  # mark deleted the collection's images under `paths` whose files are gone
+    index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.faiss_index)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
+    progress: bool = True  # tqdm bar on stderr: files/s and skipped count
+
+
+@dataclass
+class IndexReport:
+    """What one `index_paths` run did."""
+
+    collection: str
+    indexed: int = 0  # files encoded and committed (new or changed)
+    unchanged: int = 0  # files whose content hash was already in the collection
+    removed: int = 0  # images marked deleted because their file is gone (remove_missing)
+    skipped: list[Skip] = field(default_factory=list)  # files and folders left out, with the reason
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary: counts, the skipped list as {path, reason} objects, stage times."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One file as a decoding worker returns it: indexed (pixels), unchanged, or skipped (reason)."""
+
+    path: str
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    reason: str = ""  # set when skipped
+    unchanged: bool = False
+
+
+class _Files(torch.utils.data.Dataset):
+    """Reads, hashes and (unless unchanged) decodes and preprocesses one file per item."""
+
+    def __init__(self, files: list[str], known: dict[str, str], encoder: Encoder, max_pixels: int):
+        self.files, self.known, self.max_pixels = files, known, max_pixels
+        self.preprocess, self.min_side = encoder.preprocess, encoder.image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[_Item, torch.Tensor | None]:
+        path = self.files[i]
+        try:
+            data = read_bytes(path)
+            sha = hashlib.sha256(data).hexdigest()
+            if self.known.get(path) == sha:
+                return _Item(path, sha, unchanged=True), None
+            image, width, height = decode(data, self.max_pixels, self.min_side)
+        except BadImageError as exc:
+            return _Item(path, reason=str(exc)), None
+        return _Item(path, sha, width, height), self.preprocess(image)
+
+
+def _collate(batch: list[tuple[_Item, torch.Tensor | None]]) -> tuple[list[_Item], torch.Tensor | None]:
+    pixels = [p for _, p in batch if p is not None]
+    return [item for item, _ in batch], torch.stack(pixels) if pixels else None
+
+
+def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: str = "default",
+                encoder: Encoder | None = None, options: IndexOptions | None = None, **overrides) -> IndexReport:
+    """Index the image files under `paths` into `collection` and save its FAISS index.
+
+    encoder: default `Encoder.load()` (the shipped model). options: IndexOptions, any field of
+    which may also be passed by keyword (`remove_missing=True`). The collection records the
+    encoder's model identity; CollectionMismatchError if it was made with another model.
+    """
+    options = dataclasses.replace(options or IndexOptions(), **overrides)
+    encoder = encoder or Encoder.load()
+    check_index_type(options.index_type, encoder.dim)
+    report = IndexReport(collection)
+    clock = functools.partial(_timed, report.seconds)
+    coll = store.get_or_create_collection(collection, encoder.model_name, encoder.pretrained, encoder.dim)
+    with clock("discover"):
+        files, report.skipped = discover(paths)
+        images = store.images(coll.id)
+        live = {image.uri: image.id for image in images}
+        known = {image.uri: image.sha256 for image in images}
+    workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
+    loader = torch.utils.data.DataLoader(
+        _Files(files, known, encoder, options.max_pixels),
+        batch_size=options.batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda",
+    )
+    added: list[int] = []
+    bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
+    batches = iter(loader)
+    try:
+        while True:
+            with clock("read+decode (wait)"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            items, pixels = batch
+            fresh = [item for item in items if not item.reason and not item.unchanged]
+            report.unchanged += sum(item.unchanged for item in items)
+            report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
+            if fresh:
+                with clock("encode"):
+                    vectors = encoder.encode_images(pixels)
+                with clock("commit"):
+                    replaced = [live[item.path] for item in fresh if item.path in live]
+                    if replaced:
+                        store.mark_deleted(replaced)
+                    records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
+                    added += store.add_images(coll.id, records, vectors)
+                report.indexed += len(fresh)
+            bar.update(len(items))
+            bar.set_postfix(skipped=len(report.skipped), refresh=False)
+    finally:
+        bar.close()
+    if options.remove_missing:
+        report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
+    with clock("faiss index"):
+        _refresh_index(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
+    report.skipped.sort(key=lambda s: s.path)
+    log.info("indexed %s: %s", collection, ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
+    return report
+
+
+def _remove_missing(store: Store, coll: Collection, paths, present: set[str], skipped: list[Skip]) -> int:
+    """Mark deleted the live images under `paths` whose file was not found (folders that could not be read excepted)."""
+    roots = [os.path.abspath(p) for p in paths]
+    unreadable = [s.path for s in skipped]
+
+    def under(uri: str, folders: list[str]) -> bool:
+        return any(uri == f or uri.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+    gone = [image.id for image in store.images(coll.id)
+            if image.uri not in present and under(image.uri, roots) and not under(image.uri, unreadable)]
+    return store.mark_deleted(gone) if gone else 0
+
+
+def _refresh_index(store: Store, coll: Collection, index_type: str, added: np.ndarray) -> None:
+    """Bring the saved index up to date: extend the saved one when little changed, else rebuild from SQL."""
+    vectors = store.vector_store(coll)
+    manifest = vectors.manifest()
+    if manifest is not None and manifest.get("index_type") == index_type:
+        expected = vectors.expected()
+        before = dataclasses.replace(expected, live_ids=np.setdiff1d(expected.live_ids, added))
+        index = vectors.load_index(before)
+        if index is not None:
+            exact = plan_index(index_type, index.ntotal, coll.dim) == "Flat"
+            small = max(1.0, _REUSE_LIMIT * index.ntotal)
+            if vectors.deleted_in_index <= small and (exact or added.size <= small):
+                if added.size:
+                    ids, embeddings = store.embeddings(coll.id, added)
+                    index.add_with_ids(embeddings, ids)
+                    vectors.save_index(index, {"index_type": index_type})
+                return
+    _rebuild(store, coll, index_type)
+
+
+def _rebuild(store: Store, coll: Collection, index_type: str):
+    ids, embeddings = store.embeddings(coll.id)
+    index = build_index(ids, embeddings, index_type)
+    store.vector_store(coll).save_index(index, {"index_type": index_type})
+    return index
+
+
+class SearchIndex:
+    """A collection's FAISS index ready to search (on the GPU when FAISS sees one); deleted images never come back."""
+
+    def __init__(self, collection: Collection, index, deleted_ids: np.ndarray):
+        self.collection = collection
+        self.index = index
+        self.deleted_ids = deleted_ids  # int64: deleted images the index may still hold
+
+    def search(self, queries: np.ndarray, k: int, exclude_ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 (B, k), ids int64 (B, k)) for queries float32 (B, dim); see faiss_index.search."""
+        extra = np.asarray([] if exclude_ids is None else list(exclude_ids), dtype=np.int64)
+        return search(self.index, queries, k, np.concatenate([self.deleted_ids, extra]))
+
+
+def open_index(store: Store, collection: str | int | Collection, encoder: Encoder | None = None) -> SearchIndex:
+    """Load a collection's saved index, or rebuild (and save) it from SQL when missing or stale, logging why.
+
+    With `encoder`, refuse (CollectionMismatchError) a collection embedded by another model.
+    """
+    coll = store.collection(collection)
+    if encoder is not None and (encoder.model_name, encoder.pretrained, encoder.dim) != (coll.model, coll.pretrained, coll.dim):
+        raise CollectionMismatchError(
+            f"collection {coll.name!r} holds embeddings of {coll.model}/{coll.pretrained} (dim {coll.dim}); "
+            f"it cannot be queried with {encoder.model_name}/{encoder.pretrained} (dim {encoder.dim})"
+        )
+    vectors = store.vector_store(coll)
+    index = vectors.load_index()
+    if index is None:
+        log.warning("rebuilding the FAISS index of collection %r: %s", coll.name, vectors.reason)
+        index = _rebuild(store, coll, (vectors.manifest() or {}).get("index_type", "flat"))
+    return SearchIndex(coll, to_gpu(index), store.deleted_ids(coll.id))
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str):
+    """Add the wall time of the block to seconds[stage]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start

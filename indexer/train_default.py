@@ -1,0 +1,166 @@
+"""Train the shipped `clipbt-tiny` model contrastively on freshly generated world images, then measure and report it.
+
+Command (the shipped weights; seed 0; 25 minutes of training on a shared 2-core CPU, about 30 with the evaluation):
+
+    python -m indexer.train_default --out indexer/default_model/clipbt-tiny.safetensors --minutes 25 --seed 0
+
+Every step draws a new batch of world images (world seed = --seed) with random captions, and takes one AdamW step on
+open_clip's ClipLoss. The learning rate warms up, then follows a cosine over the wall-time budget (or over --steps
+when given, for a run whose step count does not depend on the machine). The weights are written as fp16
+safetensors; the report (benchmarks/results/default_model.json) measures the written file on held-out images.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from safetensors.torch import save_file
+
+from engine.world import WorldConfig, caption, generate
+from indexer.default_model import DEFAULT_MODEL_NAME, register
+from indexer.default_model.quality import HELD_OUT_SEED, measure
+
+REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default_model.json"
+
+
+def _pool(n: int, seed: int, config: WorldConfig) -> tuple[torch.Tensor, list]:
+    """The first n world images of this seed as uint8 (n, H, W, 3), with their attributes."""
+    world = generate(n, seed, config)
+    return torch.from_numpy(np.stack([np.asarray(img) for img, _ in world])), [a for _, a in world]
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), as the model's preprocess does for images already at its size."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _lr(progress: float, base: float, warmup: float = 0.04) -> float:
+    """Linear warm-up over the first `warmup` of training, then cosine decay to zero."""
+    if progress < warmup:
+        return base * progress / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on gains, biases, norms, logit_scale), as open_clip's training does."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The state dict as safetensors, floating tensors stored as fp16."""
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def train(
+    out: Path, minutes: float, seed: int, steps: int | None, batch_size: int, lr: float, pool_size: int, hard: float, eval_every_s: float
+) -> dict:
+    if seed == HELD_OUT_SEED:
+        raise SystemExit(f"--seed {seed} is the held-out world seed; pick another")
+    torch.manual_seed(seed)
+    register()
+    model, _, preprocess = open_clip.create_model_and_transforms(DEFAULT_MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(_param_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    start = time.time()
+    pool, attrs = _pool(pool_size, seed, WorldConfig())
+    colours = np.array([a.colour for a in attrs])
+    same_colour = [np.flatnonzero(colours == c) for c in np.unique(colours)]
+    print(f"pool of {pool_size} images in {time.time() - start:.0f} s", flush=True)
+    rng = np.random.default_rng([seed, 1])
+    budget = minutes * 60.0
+    train_start = last_eval = time.time()
+    step = 0
+    model.train()
+    while True:
+        elapsed = time.time() - train_start
+        progress = step / steps if steps else elapsed / budget
+        if progress >= 1.0 or elapsed >= budget:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(progress, lr)
+        # A `hard` share of batches hold one colour only, so that captions must be told apart by shape and the rest.
+        choices = same_colour[rng.integers(len(same_colour))] if rng.random() < hard else pool_size
+        batch = rng.choice(choices, size=batch_size, replace=False)
+        texts = tokenizer([caption(attrs[i], rng) for i in batch])
+        image_features, text_features, logit_scale = model(_normalise(pool[batch]), texts)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        if step % 25 == 0:
+            print(f"step {step} {elapsed / 60:5.1f} min loss {loss.item():.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                  f"scale {model.logit_scale.exp().item():.1f}", flush=True)
+        if time.time() - last_eval > eval_every_s:
+            q = measure(model, preprocess, tokenizer, n_images=400)
+            print(f"  held-out@400: shape {q.shape_accuracy:.3f} colour {q.colour_accuracy:.3f} p@10 {q.precision_at_10:.3f}", flush=True)
+            model.train()
+            last_eval = time.time()
+    train_s = time.time() - train_start
+    save_weights(model, out)
+
+    shipped, _, shipped_preprocess = open_clip.create_model_and_transforms(DEFAULT_MODEL_NAME, pretrained=str(out))
+    quality = measure(shipped, shipped_preprocess, tokenizer, n_images=2000)
+    return {
+        "command": "python -m indexer.train_default " + " ".join(sys.argv[1:]),
+        "seed": seed,
+        "model": DEFAULT_MODEL_NAME,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_mb": round(out.stat().st_size / 1e6, 2),
+        "train_wall_s": round(train_s, 1),
+        "total_wall_s": round(time.time() - start, 1),
+        "steps": step,
+        "batch_size": batch_size,
+        "images_seen": step * batch_size,
+        "pool_size": pool_size,
+        "same_colour_batches": hard,
+        "lr": lr,
+        "machine": f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, shared with other jobs",
+        "held_out": {"world_seed": HELD_OUT_SEED, **quality.to_dict()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="where to write the safetensors weights")
+    parser.add_argument("--minutes", type=float, default=25.0, help="training wall-time budget")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed and world seed of the training images")
+    parser.add_argument("--steps", type=int, default=None, help="fixed step count for the schedule (default: follow --minutes)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--pool", type=int, default=50_000, help="training images, generated once (uint8 in memory)")
+    parser.add_argument("--hard", type=float, default=0.5, help="share of batches drawn from a single colour")
+    parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out progress checks")
+    parser.add_argument("--report", type=Path, default=REPORT, help="where to write the JSON report")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = train(args.out, args.minutes, args.seed, args.steps, args.batch_size, args.lr, args.pool, args.hard, args.eval_every)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
