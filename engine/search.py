@@ -13,7 +13,7 @@ import torch
 from engine.bt import AdaptConfig, adapt_batched
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
-from storage.errors import ClipbtError, CollectionMismatchError, UnknownUserError
+from storage.errors import ClipbtError, CollectionMismatchError
 
 SCOPES = ("query-kernel", "all")
 
@@ -217,13 +217,6 @@ class Engine:
 
     # -- the user's pairs --------------------------------------------------------------------
 
-    def _version(self, user: str) -> int | None:
-        """The user's preference version, None for an unknown user (who has no preferences)."""
-        try:
-            return self.store.preference_version(user)
-        except UnknownUserError:
-            return None
-
     def _user_pairs(self, user: str, version: int) -> _UserPairs:
         cached = self._pairs.get(user)
         if cached is not None and cached.version == version:
@@ -257,10 +250,11 @@ class Engine:
         context: list[tuple[_UserPairs | None, np.ndarray | None]] = [(None, None)] * len(requests)
         todo: list[int] = []
         keys = {}
+        versions = self.store.preference_versions(r.user for r in requests if r.user is not None)
         for i, r in enumerate(requests):
             if r.user is None:
                 continue
-            version = self._version(r.user)
+            version = versions[r.user]  # None: an unknown user, who has no preferences
             if version is None:
                 continue
             pairs = self._user_pairs(r.user, version)

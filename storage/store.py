@@ -846,6 +846,18 @@ class Store:
             ).scalar_one()
         return (uid << 32) | count
 
+    def preference_versions(self, users: Iterable[str]) -> dict[str, int | None]:
+        """`preference_version` of many users in one query; None for a user who does not exist."""
+        names = sorted(set(users))
+        if not names:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(S.users.c.name, S.users.c.id, S.users.c.pref_version).where(S.users.c.name.in_(names))
+            ).all()
+        found = {name: (uid << 32) | count for name, uid, count in rows}
+        return {name: found.get(name) for name in names}
+
     # -- vector store and checks ---------------------------------------------------------------
 
     def vector_store(self, collection: int | str | Collection) -> VectorStore:

@@ -361,6 +361,8 @@ def test_preference_version_and_delete_user(store):
     assert (counts["pairs"], counts["rankings"], counts["ranking_items"]) == (1, 0, 0)
     store.ensure_user("ann")  # re-created: never an old version, so no stale cache hit
     assert store.preference_version("ann") not in versions
+    assert store.preference_versions(["bob", "ann", "carol", "bob"]) == {
+        "ann": store.preference_version("ann"), "bob": store.preference_version("bob"), "carol": None}
 
 
 def test_consistency_check_finds_damage(store):
