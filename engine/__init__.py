@@ -16,9 +16,17 @@ from engine.bt import (
     rocchio,
     similarity,
 )
+from engine.ranking import RankConfig, rank_candidates
+from engine.search import Engine, Hit, SearchConfig, SearchRequest
 
 __all__ = [
     "AdaptConfig",
+    "Engine",
+    "Hit",
+    "RankConfig",
+    "SearchConfig",
+    "SearchRequest",
+    "rank_candidates",
     "AdaptationInputError",
     "adapt",
     "adapt_batched",

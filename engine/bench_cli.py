@@ -20,7 +20,12 @@ def _sizes(ctx, param, value: str) -> tuple[int, ...]:
 
 @click.group()
 def bench() -> None:
-    """Benchmarks that measure clipbt on public or simulated data."""
+    """Benchmarks that measure clipbt on public or simulated data.
+
+    Example:
+
+        clipbt bench preference world --per-user
+    """
 
 
 @bench.command()

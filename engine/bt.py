@@ -27,8 +27,10 @@ class AdaptationInputError(ClipbtError, ValueError):
 class AdaptConfig:
     """Hyper-parameters of BT adaptation; defaults are the ones clipbt searches with."""
 
-    lr: float = 1.0  # gradient-descent step size epsilon
-    steps: int = 5  # number of gradient steps T (the paper uses 1, and 5-7 for generation)
+    # lr and steps: measured on the demo world (README, "Choosing the search defaults"): larger
+    # steps buy taste at the price of the query's meaning.
+    lr: float = 0.5  # gradient-descent step size epsilon
+    steps: int = 3  # number of gradient steps T (the paper uses 1, and 5-7 for generation)
     beta: float = 1.0  # inverse temperature of the BT probability (1 = the paper's eq. 2)
     normalize: bool = False  # project x back onto the unit sphere after every step
 
@@ -190,7 +192,7 @@ def preference_gradient(x, preferred, rejected, beta: float = 1.0, weights=None)
     return _like(_gradient(xt, p - r, beta, w), x)
 
 
-def adapt(x, preferred, rejected, lr: float = 1.0, steps: int = 5, beta: float = 1.0,
+def adapt(x, preferred, rejected, lr: float = 0.5, steps: int = 3, beta: float = 1.0,
           weights=None, normalize: bool = False):
     """x' after `steps` gradient-descent steps x <- x - lr * grad L(x) on the BT loss (eqs. 3-4).
 
@@ -219,7 +221,7 @@ def adapt(x, preferred, rejected, lr: float = 1.0, steps: int = 5, beta: float =
     return _like(out, x)
 
 
-def adapt_batched(queries, preferred, rejected, owner, lr: float = 1.0, steps: int = 5,
+def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: int = 3,
                   beta: float = 1.0, weights=None, normalize: bool = False):
     """`adapt` for B queries at once, each with its own ragged set of pairs, in one vectorised call.
 
@@ -426,7 +428,7 @@ def plackett_luce_gradient(x, rankings, lengths=None, beta: float = 1.0, weights
     return _like(_plackett_luce_grad(xt, items, mask, beta, w), x)
 
 
-def adapt_plackett_luce(x, rankings, lengths=None, lr: float = 1.0, steps: int = 5, beta: float = 1.0,
+def adapt_plackett_luce(x, rankings, lengths=None, lr: float = 0.5, steps: int = 3, beta: float = 1.0,
                         weights=None, normalize: bool = False):
     """`adapt` with the Plackett-Luce loss of full rankings instead of pairs (same norm behaviour).
     No rankings: x unchanged."""

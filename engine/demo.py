@@ -102,6 +102,7 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
          f"before {result.share_before:.0%}, after {result.share_after:.0%}")
     contact_sheet(before, after, truth, result.contact_sheet)
     echo(f"Contact sheet: {result.contact_sheet}")
+    echo(f'Next: clipbt search "a blue star" --collection {DEMO_COLLECTION} --user {DEMO_USER}')
     return result
 
 
