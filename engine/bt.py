@@ -57,18 +57,25 @@ def _like(result: torch.Tensor, template):
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        index = tuple(int(i) for i in torch.nonzero(bad)[0])
+    # A NaN or inf anywhere makes the sum non-finite: one fast reduction in the common case
+    # (torch.isfinite over the whole array is several times slower). Only a non-finite sum, from
+    # a bad value or an overflow of finite ones, pays for locating the culprit.
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return
+    bad = torch.nonzero(~torch.isfinite(t))
+    if len(bad):
+        index = tuple(int(i) for i in bad[0])
         where = f"[{index[0]}]" if len(index) == 1 else f"[{', '.join(map(str, index))}]"
         raise AdaptationInputError(f"{name}{where} is {t[index].item()}: embeddings must be finite")
 
 
 def _check_nonzero_rows(t: torch.Tensor, name: str) -> None:
-    zero = t.abs().amax(dim=-1) == 0
-    if bool(zero.any()):
-        row = tuple(int(i) for i in torch.nonzero(zero)[0])
-        raise AdaptationInputError(f"{name}[{', '.join(map(str, row))}] is a zero vector: image embeddings must be non-zero")
+    """Rows must be non-zero (call after _check_finite)."""
+    zero = torch.linalg.vector_norm(t, dim=-1) == 0
+    if t.numel() == 0 or not bool(zero.any()):
+        return
+    row = tuple(int(i) for i in torch.nonzero(zero)[0])
+    raise AdaptationInputError(f"{name}[{', '.join(map(str, row))}] is a zero vector: image embeddings must be non-zero")
 
 
 def _check_query(x: torch.Tensor, name: str = "x") -> None:
@@ -254,19 +261,53 @@ def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: i
     out = q.clone()
     if p.shape[0] == 0:
         return _like(out, queries)
-    diff = p - r
-    counts = torch.bincount(own, minlength=b).to(q.dtype).clamp_min(1.0)
-    has_pairs = (torch.bincount(own, minlength=b) > 0).unsqueeze(1)
-    for _ in range(int(steps)):
-        coef = beta * (torch.sigmoid(beta * (out[own] * diff).sum(dim=1)) - 1.0)
-        if w is not None:
-            coef = coef * w
-        grad = torch.zeros_like(out).index_add_(0, own, coef.unsqueeze(1) * diff) / counts.unsqueeze(1)
-        out = out - lr * grad
-        if normalize:
-            unit = out / out.norm(dim=1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
-            out = torch.where(has_pairs, unit, out)
+    for block, scale, who in _pad_by_owner(p - r, own, w, b):
+        # With E_i = -beta * (y_i1 - y_i2), eq. 4's step x <- x - lr * mean_i w_i beta (p_i - 1) D_i
+        # is x <- x - lr * sum_i sigmoid(E_i . x) * (w_i / n) * E_i: four batched ops per step.
+        e = block.mul_(-beta)
+        x = out[who].unsqueeze(1)  # (U, 1, d); only x is ever transposed, never the big block
+        for _ in range(int(steps)):
+            t = torch.bmm(e, x.transpose(1, 2)).sigmoid_().mul_(scale)  # (U, n_max, 1)
+            x = torch.baddbmm(x, t.transpose(1, 2), e, alpha=-lr)
+            if normalize:
+                x = x / torch.linalg.vector_norm(x, dim=2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        out[who] = x.squeeze(1)
     return _like(out, queries)
+
+
+def _pad_by_owner(diff: torch.Tensor, own: torch.Tensor, w: torch.Tensor | None, b: int):
+    """Regroup the stacked pair differences (P, d) by owner into padded blocks (U, n_max, d).
+
+    Owners are sorted by pair count and cut into chunks whose padding at most doubles their size,
+    so one user with many pairs never makes every other user's block that long. Returns, per
+    chunk: the block (a fresh tensor), the per-slot scale w_i / n_owner as (U, n_max, 1), 0 on
+    padding, and the owners.
+    """
+    counts = torch.bincount(own, minlength=b)
+    per_user = counts.tolist()
+    ranked = sorted((u for u in range(b) if per_user[u]), key=lambda u: -per_user[u])
+    order = torch.argsort(own, stable=True)
+    start = torch.cumsum(counts, 0) - counts  # first row of each owner in `order`
+    scale = (w if w is not None else torch.ones_like(own, dtype=diff.dtype)) / counts[own].to(diff.dtype)
+    chunks = []
+    i = 0
+    while i < len(ranked):
+        longest, j, filled = per_user[ranked[i]], i, 0
+        while j < len(ranked) and (j - i + 1) * longest <= 2 * (filled + per_user[ranked[j]]):
+            filled += per_user[ranked[j]]
+            j += 1
+        who = torch.tensor(ranked[i:j], device=diff.device)
+        slot = torch.arange(longest, device=diff.device)
+        valid = slot.unsqueeze(0) < counts[who].unsqueeze(1)  # (U, longest)
+        rows = order[(start[who].unsqueeze(1) + slot.unsqueeze(0))[valid]]  # source rows, slot order
+        flat = (torch.arange(len(who), device=diff.device).unsqueeze(1) * longest + slot.unsqueeze(0))[valid]
+        block = diff.new_zeros(len(who), longest, diff.shape[1])
+        block.view(-1, diff.shape[1]).index_copy_(0, flat, diff.index_select(0, rows))
+        block_scale = diff.new_zeros(len(who), longest, 1)
+        block_scale.view(-1).index_copy_(0, flat, scale.index_select(0, rows))
+        chunks.append((block, block_scale, who))
+        i = j
+    return chunks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ class Engine:
         self._texts = _LRU(config.text_cache_size)  # text -> (d,) float32 embedding
         self._adapted = _LRU(config.query_cache_size)  # (user, version, query key, settings) -> (x', w)
         self._pairs: dict[str, _UserPairs] = {}  # user -> the pairs of their latest seen version
+        self._pair_texts: dict[str, tuple[int, np.ndarray]] = {}  # user -> (version, (P, d) pair-query embeddings)
         self._paths: dict[int, str] = {}  # image id -> uri, filled as hits are returned
 
     @classmethod
@@ -238,9 +239,18 @@ class Engine:
         self._pairs[user] = data
         return data
 
+    def _pair_query_vectors(self, user: str, pairs: _UserPairs) -> np.ndarray:
+        """Embeddings (P, d) of the texts the user's pairs were recorded under, kept per version."""
+        cached = self._pair_texts.get(user)
+        if cached is None or cached[0] != pairs.version:
+            cached = (pairs.version, self.encode(pairs.queries))
+            self._pair_texts[user] = cached
+        return cached[1]
+
     def forget(self, user: str) -> None:
         """Drop every cached adapted query and pair of `user` (after they record a preference)."""
         self._pairs.pop(user, None)
+        self._pair_texts.pop(user, None)
         for key in [k for k in self._adapted if k[0] == user]:
             del self._adapted[key]
 
@@ -269,7 +279,7 @@ class Engine:
                 continue
             base = pairs.weight
             weights = base if config.scope == "all" else pair_weights(
-                queries[i], self.encode(pairs.queries), base, config.scope, config.bandwidth)
+                queries[i], self._pair_query_vectors(r.user, pairs), base, config.scope, config.bandwidth)
             context[i] = (pairs, weights)
             keys[i] = key
             todo.append(i)

@@ -49,6 +49,11 @@ _CHUNK = 500  # ids per `IN (...)` clause, well under SQLite's bound-parameter l
 _PG_SCHEMA_LOCK = 0x636C697062740001  # pg_advisory_xact_lock key serialising schema setup
 
 
+_VERSIONS_QUERY = sa.select(S.users.c.name, S.users.c.id, S.users.c.pref_version).where(
+    S.users.c.name.in_(sa.bindparam("names", expanding=True))
+)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """How a Store talks to its database."""
@@ -851,10 +856,8 @@ class Store:
         names = sorted(set(users))
         if not names:
             return {}
-        with self._read() as conn:
-            rows = conn.execute(
-                sa.select(S.users.c.name, S.users.c.id, S.users.c.pref_version).where(S.users.c.name.in_(names))
-            ).all()
+        with self._engine.connect() as conn:  # one SELECT is atomic: no explicit transaction (it runs per search)
+            rows = conn.execute(_VERSIONS_QUERY, {"names": names}).all()
         found = {name: (uid << 32) | count for name, uid, count in rows}
         return {name: found.get(name) for name in names}
 
