@@ -87,13 +87,13 @@ def pair_weights(query: np.ndarray, pair_queries: np.ndarray, base: np.ndarray, 
                  bandwidth: float) -> np.ndarray:
     """Weight of each of a user's pairs for one query.
 
-    query: (d,) query embedding; pair_queries: (P, d) embeddings of the texts the pairs were
+    query: (d,) query embedding; pair_queries: (P, d) unit embeddings of the texts the pairs were
     recorded under; base: (P,) the pairs' own weights. "all": base. "query-kernel": base times
     exp(-(1 - cos(query, pair_query)) / bandwidth), 1 for the same text and decaying with distance.
     """
     if scope == "all":
         return base
-    cos = pair_queries @ query / (np.linalg.norm(pair_queries, axis=1) * np.linalg.norm(query))
+    cos = pair_queries @ query / np.linalg.norm(query)  # pair_queries are unit rows
     return base * np.exp(-(1.0 - cos) / bandwidth)
 
 
@@ -240,10 +240,11 @@ class Engine:
         return data
 
     def _pair_query_vectors(self, user: str, pairs: _UserPairs) -> np.ndarray:
-        """Embeddings (P, d) of the texts the user's pairs were recorded under, kept per version."""
+        """Unit embeddings (P, d) of the texts the user's pairs were recorded under, kept per version."""
         cached = self._pair_texts.get(user)
         if cached is None or cached[0] != pairs.version:
-            cached = (pairs.version, self.encode(pairs.queries))
+            vectors = self.encode(pairs.queries)
+            cached = (pairs.version, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
             self._pair_texts[user] = cached
         return cached[1]
 
@@ -432,16 +433,10 @@ def _direct_comparisons(candidates: np.ndarray, pairs: _UserPairs | None, weight
     indices into `candidates`."""
     if pairs is None or len(candidates) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), None
-    order = np.argsort(candidates)
-    sorted_ids = candidates[order]
-
-    def position(ids):
-        at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-        return order[at], sorted_ids[at] == ids
-
-    win, win_ok = position(pairs.preferred)
-    lose, lose_ok = position(pairs.rejected)
-    both = win_ok & lose_ok & (weights > 0)
+    where = {image: i for i, image in enumerate(candidates.tolist())}
+    win = np.array([where.get(image, -1) for image in pairs.preferred.tolist()], dtype=np.int64)
+    lose = np.array([where.get(image, -1) for image in pairs.rejected.tolist()], dtype=np.int64)
+    both = (win >= 0) & (lose >= 0) & (weights > 0)
     return win[both], lose[both], weights[both]
 
 

@@ -81,12 +81,19 @@ def test_numpy_in_numpy_out_torch_in_torch_out():
     np.testing.assert_allclose(out_t.numpy(), bt.adapt(x, p, r))
 
 
-def test_batched_equals_per_user_loop():
+@pytest.mark.parametrize("counts,shuffle", [
+    ([0, 1, 3, 7, 0, 2, 50, 5, 1], False),  # ragged, including users with no pairs: padded blocks
+    ([4, 4, 4, 4, 4, 4, 4, 4, 4], False),  # uniform and grouped: a view, no padding
+    ([3, 3, 0, 3, 3, 0, 3, 3, 3], True),  # uniform but interleaved owners: padded path again
+    ([0, 0, 0, 0, 6, 0, 0, 0, 0], False),  # one user
+])
+def test_batched_equals_per_user_loop(counts, shuffle):
     rng = np.random.default_rng(5)
     d, b = 24, 9
     queries = unit_rows(rng, b, d)
-    counts = [0, 1, 3, 7, 0, 2, 50, 5, 1]  # ragged, including users with no pairs
     owner = np.repeat(np.arange(b), counts)
+    if shuffle:
+        owner = rng.permutation(owner)
     p, r = unit_rows(rng, len(owner), d), unit_rows(rng, len(owner), d)
     w = rng.uniform(0.1, 2.0, size=len(owner))
     for normalize in (False, True):
@@ -95,7 +102,8 @@ def test_batched_equals_per_user_loop():
             sel = owner == i
             want = bt.adapt(queries[i], p[sel], r[sel], lr=0.7, steps=5, beta=2.0, weights=w[sel], normalize=normalize)
             np.testing.assert_allclose(got[i], want, atol=1e-10)
-    np.testing.assert_array_equal(got[0], queries[0])
+    for i in np.flatnonzero(np.array(counts) == 0):
+        np.testing.assert_array_equal(got[i], queries[i])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
