@@ -91,20 +91,25 @@ def _check_images(y: torch.Tensor, d: int, name: str) -> None:
     _check_nonzero_rows(y, name)
 
 
-def _check_pairs(x, preferred, rejected):
-    """Convert and validate a query and its pairs; returns tensors in x's dtype and device."""
-    xt = _as_tensor(x, "x")
-    _check_query(xt)
-    d = xt.shape[0]
-    p = _as_tensor(preferred, "preferred").to(xt)
-    r = _as_tensor(rejected, "rejected").to(xt)
+def _aligned_pairs(preferred, rejected, like: torch.Tensor):
+    """Convert and validate the two sides of the pairs to the dtype and device of `like`."""
+    d = like.shape[-1]
+    p = _as_tensor(preferred, "preferred").to(like)
+    r = _as_tensor(rejected, "rejected").to(like)
     _check_images(p, d, "preferred")
     _check_images(r, d, "rejected")
     if p.shape[0] != r.shape[0]:
         raise AdaptationInputError(
             f"preferred has {p.shape[0]} rows but rejected has {r.shape[0]}: pairs must be aligned"
         )
-    return xt, p, r
+    return p, r
+
+
+def _check_pairs(x, preferred, rejected):
+    """Convert and validate a query and its pairs; returns tensors in x's dtype and device."""
+    xt = _as_tensor(x, "x")
+    _check_query(xt)
+    return (xt, *_aligned_pairs(preferred, rejected, xt))
 
 
 def _check_weights(weights, n: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -242,15 +247,8 @@ def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: i
     if q.ndim != 2:
         raise AdaptationInputError(f"queries must have shape (B, d), got {tuple(q.shape)}")
     _check_finite(q, "queries")
-    b, d = q.shape
-    p = _as_tensor(preferred, "preferred").to(q)
-    r = _as_tensor(rejected, "rejected").to(q)
-    _check_images(p, d, "preferred")
-    _check_images(r, d, "rejected")
-    if p.shape[0] != r.shape[0]:
-        raise AdaptationInputError(
-            f"preferred has {p.shape[0]} rows but rejected has {r.shape[0]}: pairs must be aligned"
-        )
+    b = q.shape[0]
+    p, r = _aligned_pairs(preferred, rejected, q)
     own = _as_tensor(owner, "owner").to(device=q.device, dtype=torch.int64)
     if own.shape != (p.shape[0],):
         raise AdaptationInputError(f"owner must have shape ({p.shape[0]},), one per pair, got {tuple(own.shape)}")
