@@ -1,0 +1,60 @@
+"""Taste against relevance for BT step sizes: how the search defaults (lr, steps, beta) were chosen.
+
+    python benchmarks/bench_search_defaults.py            # the demo's 2,000 images, about 15 s
+
+Runs `clipbt demo` (2,000 world images, the shipped model, the demo user's 20 answers) in a
+temporary data home, then searches "a red circle" for the demo user with each setting and counts,
+in the top 10, the images that match the user's taste (outlined shapes) and the ones still relevant
+to the query (red circles), from the world's ground truth. Writes
+benchmarks/results/search_defaults.json.
+"""
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine.bt import AdaptConfig
+from engine.demo import DEMO_COLLECTION, DEMO_USER, DemoConfig, matches_taste, run_demo
+from engine.search import Engine, SearchConfig
+from engine.world import read_collection
+from storage import Store
+
+SETTINGS = [  # (lr, steps, beta)
+    (0.05, 1, 1.0), (0.3, 5, 1.0), (0.5, 3, 1.0), (0.5, 5, 1.0), (1.0, 5, 1.0), (0.5, 3, 5.0),
+]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    config = DemoConfig()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        run_demo(home, config, echo=lambda line: None, progress=False)
+        truth = {os.path.abspath(p): a for p, a in read_collection(home / DEMO_COLLECTION / "images")}
+        with Store.open(home=home) as store:
+            engine = Engine.open(store, DEMO_COLLECTION)
+            for lr, steps, beta in SETTINGS:
+                search = SearchConfig(adapt=AdaptConfig(lr=lr, steps=steps, beta=beta))
+                hits = engine.search(config.query, user=DEMO_USER, k=config.k, config=search)
+                attrs = [truth[h.path] for h in hits]
+                row = {"lr": lr, "steps": steps, "beta": beta,
+                       "taste": sum(matches_taste(a) for a in attrs),
+                       "relevant": sum(a.colour == "red" and a.shape == "circle" for a in attrs)}
+                rows.append(row)
+                print(f"lr {lr:<5} steps {steps}  beta {beta:<4}  taste {row['taste']:>2}/10  relevant {row['relevant']:>2}/10")
+    out = {"query": config.query, "images": config.images, "questions": config.questions, "k": config.k,
+           "defaults": {"lr": AdaptConfig().lr, "steps": AdaptConfig().steps, "beta": AdaptConfig().beta},
+           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "torch": torch.__version__, "python": platform.python_version()},
+           "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "search_defaults.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
