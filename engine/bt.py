@@ -9,6 +9,7 @@ bad hyper-parameters raise `AdaptationInputError` naming the argument and row. A
 is a documented no-op (the query comes back unchanged), never a NaN.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,18 @@ class AdaptConfig:
     steps: int = 3  # number of gradient steps T (the paper uses 1, and 5-7 for generation)
     beta: float = 1.0  # inverse temperature of the BT probability (1 = the paper's eq. 2)
     normalize: bool = False  # project x back onto the unit sphere after every step
+
+
+@contextmanager
+def one_torch_thread():
+    """Run a block with torch on one CPU thread: the BT steps are many small tensor operations,
+    where more threads cost more than they save and compete with FAISS's own threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +239,16 @@ def adapt(x, preferred, rejected, lr: float = 0.5, steps: int = 3, beta: float =
     if p.shape[0] == 0:
         return _like(out, x)
     diff = p - r
+    return _like(_descend(out, lambda at: _gradient(at, diff, beta, w), lr, steps, normalize), x)
+
+
+def _descend(x: torch.Tensor, gradient, lr: float, steps: int, normalize: bool) -> torch.Tensor:
+    """`steps` steps x <- x - lr * gradient(x), each optionally projected onto the unit sphere."""
     for _ in range(int(steps)):
-        out = out - lr * _gradient(out, diff, beta, w)
+        x = x - lr * gradient(x)
         if normalize:
-            out = out / out.norm().clamp_min(torch.finfo(out.dtype).tiny)
-    return _like(out, x)
+            x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+    return x
 
 
 def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: int = 3,
@@ -484,8 +502,4 @@ def adapt_plackett_luce(x, rankings, lengths=None, lr: float = 0.5, steps: int =
     out = xt.clone()
     if items.shape[0] == 0:
         return _like(out, x)
-    for _ in range(int(steps)):
-        out = out - lr * _plackett_luce_grad(out, items, mask, beta, w)
-        if normalize:
-            out = out / out.norm().clamp_min(torch.finfo(out.dtype).tiny)
-    return _like(out, x)
+    return _like(_descend(out, lambda at: _plackett_luce_grad(at, items, mask, beta, w), lr, steps, normalize), x)

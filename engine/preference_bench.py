@@ -2,12 +2,10 @@
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine import bt
 from engine.preference_data import EncodedDataset
@@ -86,7 +84,7 @@ class BenchResult:
             cells = [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(row["mean"], row["std"])]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if self.oracle is not None:
-            lines.append(f"| oracle (Bayes-optimal) | " + " | ".join(f"{100 * self.oracle:.1f}" for _ in sizes) + " |")
+            lines.append("| oracle (Bayes-optimal) | " + " | ".join(f"{100 * self.oracle:.1f}" for _ in sizes) + " |")
         return "\n".join(lines)
 
 
@@ -332,20 +330,9 @@ def tune(data: EncodedDataset, parts: list[_Part], methods: list[str], config: B
     return {m: runs[m][int(np.argmax(total[m]))] for m in runs}
 
 
-@contextmanager
-def _one_torch_thread():
-    """The protocol is thousands of small tensor ops, where one thread beats several (no sync overhead)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(data: EncodedDataset, config: BenchConfig = BenchConfig(), name: str = "dataset") -> BenchResult:
     """The whole protocol: split, tune on the tuning pairs, then every method on the same seeded draws."""
-    with _one_torch_thread():
+    with bt.one_torch_thread():
         return _run(data, config, name)
 
 
