@@ -15,7 +15,6 @@ A100; goal 10,000 and 2,000 images/s end to end on an H100.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.encoder import Encoder  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py)
 from indexer.pipeline import IndexOptions, index_paths  # noqa: E402
 from storage import Store  # noqa: E402
 
@@ -45,21 +45,6 @@ def make_jpegs(folder: Path, n: int, size=(512, 384)) -> None:
     for i in range(n):
         tiles = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
         Image.fromarray(tiles).resize(size, Image.Resampling.BILINEAR).save(folder / f"{i:06d}.jpg", quality=90)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores_visible": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def bench_model(model: str, folder: Path, repeats: int, batch_size: int, workers: int | None) -> dict:
@@ -128,7 +113,7 @@ def main() -> None:
                   f"{result['encoder_only_images_per_s']:9.1f} encoder only  ({result['device']}, {stages})", flush=True)
     device = "gpu" if cuda else "cpu"
     RESULTS.mkdir(exist_ok=True)
-    out = {"preset": args.preset, "machine": machine(), "results": results}
+    out = {"preset": args.preset, "machine": describe(), "results": results}
     (RESULTS / f"ingest_{device}.json").write_text(json.dumps(out, indent=2))
     plot(results, RESULTS / f"ingest_{device}.png",
          f"clipbt ingestion, {out['machine']['gpu'] or out['machine']['cpu']} ({os.cpu_count()} cores)")

@@ -24,22 +24,19 @@ Writes benchmarks/results/query_cpu.json and query_cpu.png.
 import argparse
 import hashlib
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
-import torch
 
 from engine.bt import AdaptConfig
 from engine.search import Engine, SearchConfig, SearchRequest
 from indexer.encoder import Encoder
 from indexer.faiss_index import build_index
 from indexer.pipeline import SearchIndex
+from machine import describe  # benchmarks/machine.py
 from storage import ImageRecord, Store, StoreConfig
 
 SIZES = {"S": 10_000, "M": 100_000, "L": 300_000}
@@ -47,18 +44,6 @@ DIM = 512
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXTS = [f"a photo of {c} {s}" for c in ("red", "blue", "green", "small", "large", "dark", "bright", "striped")
          for s in ("circles", "squares", "stars", "crosses", "cats", "dogs", "cars", "houses")]
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "faiss_threads": faiss.omp_get_max_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
-            "platform": platform.platform()}
 
 
 def build(folder: Path, n: int, users: int, pairs: int, seed: int):
@@ -153,7 +138,7 @@ def main() -> None:
     result = {
         "size": args.size, "n": n, "dim": DIM, "index": "flat", "k": 10, "pairs_per_user": args.pairs,
         "steps": args.steps, "scope": args.scope, "batch": args.batch, "reps": args.reps,
-        "batch_reps": args.batch_reps, "machine": machine(),
+        "batch_reps": args.batch_reps, "machine": describe(),
         "median_ms": {name: round(1000 * m, 3) for name, m in medians.items()},
         "p90_ms": {name: round(1000 * float(np.percentile(t, 90)), 3) for name, t in times.items()},
         "ratios": {name: round(r, 3) for name, r in ratios.items()},

@@ -11,16 +11,15 @@ benchmarks/results/search_defaults.json.
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
-import torch
 
 from engine.bt import AdaptConfig
 from engine.demo import DEMO_COLLECTION, DEMO_USER, DemoConfig, matches_taste, run_demo
 from engine.search import Engine, SearchConfig
 from engine.world import read_collection
+from machine import describe  # benchmarks/machine.py
 from storage import Store
 
 SETTINGS = [  # (lr, steps, beta)
@@ -49,8 +48,7 @@ def main() -> None:
                 print(f"lr {lr:<5} steps {steps}  beta {beta:<4}  taste {row['taste']:>2}/10  relevant {row['relevant']:>2}/10")
     out = {"query": config.query, "images": config.images, "questions": config.questions, "k": config.k,
            "defaults": {"lr": AdaptConfig().lr, "steps": AdaptConfig().steps, "beta": AdaptConfig().beta},
-           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "torch": torch.__version__, "python": platform.python_version()},
+           "machine": describe(),
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search_defaults.json").write_text(json.dumps(out, indent=2) + "\n")
