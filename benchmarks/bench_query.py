@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="M", help="collection size preset")
     parser.add_argument("--reps", type=int, default=200, help="single-query repetitions per mode")
-    parser.add_argument("--batch-reps", type=int, default=15, help="batch repetitions per mode")
+    parser.add_argument("--batch-reps", type=int, default=30, help="batch repetitions per mode")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=5)
@@ -118,12 +118,14 @@ def main() -> None:
             "batch_personal": (lambda: engine.search_many(requests_user), clear_adapted),
         }
         times = {name: [] for name in (*single, *batch)}
-        for rep in range(args.reps):  # interleaved, rotating the order, so load on the shared CPU hits all modes alike
-            names = list(single)
-            for name in names[rep % len(names):] + names[: rep % len(names)]:
+        # Interleaved in a fresh random order every repetition, so load on the shared CPU, and
+        # whatever one mode leaves behind (warm caches, spinning threads), hits every mode alike.
+        order = np.random.default_rng(1)
+        for rep in range(args.reps):
+            for name in order.permutation(list(single)):
                 times[name].append(timed(*single[name]))
         for rep in range(args.batch_reps):
-            for name in (list(batch) if rep % 2 == 0 else list(batch)[::-1]):
+            for name in order.permutation(list(batch)):
                 times[name].append(timed(*batch[name]))
         store.close()
 

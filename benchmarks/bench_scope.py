@@ -47,7 +47,7 @@ def trial(rng, alpha: float, scope: str, bandwidth: float) -> tuple[float, float
     rejected = np.where(first_wins[:, None], pairs[:, 1], pairs[:, 0])
     accuracy = []
     for j in (0, QUERIES):  # a query with its own pairs, a new one
-        w = pair_weights(texts[j], texts[owner_query], np.ones(len(owner_query)), scope, bandwidth)
+        w = pair_weights(texts[j], texts, owner_query, np.ones(len(owner_query)), scope, bandwidth)
         x = adapt_batched(texts[j][None].astype(np.float32), preferred.astype(np.float32),
                           rejected.astype(np.float32), np.zeros(len(w), dtype=np.int64),
                           weights=effective_weights(w).astype(np.float32))[0]

@@ -9,11 +9,13 @@ bad hyper-parameters raise `AdaptationInputError` naming the argument and row. A
 is a documented no-op (the query comes back unchanged), never a NaN.
 """
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from storage.errors import ClipbtError
 
@@ -46,6 +48,21 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def _thread_pools() -> ThreadpoolController:
+    return ThreadpoolController()  # scans the loaded BLAS and OpenMP libraries once (~ms)
+
+
+@contextmanager
+def one_blas_thread():
+    """Run a block with numpy's BLAS on one thread. The span form's products are small, and a
+    threaded OpenBLAS keeps its threads spinning for a while after each call, starving FAISS's
+    threads: on 2 cores a plain 100k query took 39 ms instead of 17 right after one threaded
+    (50, 512) Gram product (benchmarks/bench_query.py setup)."""
+    with _thread_pools().limit(limits=1, user_api="blas"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +291,16 @@ def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: i
         bad = own[(own < 0) | (own >= b)][0].item()
         raise AdaptationInputError(f"owner contains {bad}, outside the {b} queries [0, {b})")
     w = _check_weights(weights, p.shape[0], q)
-    out = q.clone()
     if p.shape[0] == 0:
-        return _like(out, queries)
-    for block, scale, who in _pad_by_owner(p - r, own, w, b):
+        return _like(q.clone(), queries)
+    return _like(_descend_stacked(q.clone(), p - r, own, w, lr, steps, beta, normalize), queries)
+
+
+def _descend_stacked(out: torch.Tensor, diff: torch.Tensor, own: torch.Tensor, w: torch.Tensor | None,
+                     lr: float, steps: int, beta: float, normalize: bool) -> torch.Tensor:
+    """The steps of `adapt_batched` on checked tensors, updating the rows of `out` in place;
+    `diff` (P, d) = y1 - y2 of the stacked pairs is scaled in place."""
+    for block, scale, who in _pad_by_owner(diff, own, w, out.shape[0]):
         # With E_i = -beta * (y_i1 - y_i2), eq. 4's step x <- x - lr * mean_i w_i beta (p_i - 1) D_i
         # is x <- x - lr * sum_i sigmoid(E_i . x) * (w_i / n) * E_i: four batched ops per step.
         e = block.mul_(-beta)
@@ -288,7 +311,7 @@ def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: i
             if normalize:
                 x = x / torch.linalg.vector_norm(x, dim=2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         out[who] = x.squeeze(1)
-    return _like(out, queries)
+    return out
 
 
 def _pad_by_owner(diff: torch.Tensor, own: torch.Tensor, w: torch.Tensor | None, b: int):
@@ -309,17 +332,13 @@ def _pad_by_owner(diff: torch.Tensor, own: torch.Tensor, w: torch.Tensor | None,
         (n,) = sizes
         who = torch.nonzero(counts).squeeze(1)
         return [(diff.view(len(who), n, diff.shape[1]), scale.view(len(who), n, 1), who)]
-    ranked = sorted((u for u in range(b) if per_user[u]), key=lambda u: -per_user[u])
+    owners = [u for u in range(b) if per_user[u]]
     order = torch.argsort(own, stable=True)
     start = torch.cumsum(counts, 0) - counts  # first row of each owner in `order`
     chunks = []
-    i = 0
-    while i < len(ranked):
-        longest, j, filled = per_user[ranked[i]], i, 0
-        while j < len(ranked) and (j - i + 1) * longest <= 2 * (filled + per_user[ranked[j]]):
-            filled += per_user[ranked[j]]
-            j += 1
-        who = torch.tensor(ranked[i:j], device=diff.device)
+    for chunk in _chunks_by_size(owners, [per_user[u] for u in owners]):
+        longest = per_user[chunk[0]]
+        who = torch.tensor(chunk, device=diff.device)
         slot = torch.arange(longest, device=diff.device)
         valid = slot.unsqueeze(0) < counts[who].unsqueeze(1)  # (U, longest)
         rows = order[(start[who].unsqueeze(1) + slot.unsqueeze(0))[valid]]  # source rows, slot order
@@ -329,8 +348,179 @@ def _pad_by_owner(diff: torch.Tensor, own: torch.Tensor, w: torch.Tensor | None,
         block_scale = diff.new_zeros(len(who), longest, 1)
         block_scale.view(-1).index_copy_(0, flat, scale.index_select(0, rows))
         chunks.append((block, block_scale, who))
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# The span form: the same steps when one user's pairs serve many queries
+
+
+def logistic(z: np.ndarray) -> np.ndarray:
+    """sigmoid(z) = 1 / (1 + exp(-z)) in numpy, without overflow for large |z|."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """One user's preference pairs, checked once and prepared for many `adapt_many` calls.
+
+    diffs: (P, d) float32 rows D_i = y_i1 - y_i2; gram: (P, P) float64 D D^T, or None when
+    P > d, where a step in the span would cost more than a step in x (P^2 > P d).
+    """
+
+    diffs: np.ndarray
+    gram: np.ndarray | None
+
+    @classmethod
+    def of(cls, preferred, rejected) -> "PairSet":
+        """Check the pairs as `adapt` does (finite, non-zero, aligned) and precompute D and D D^T."""
+        if np.ndim(preferred) != 2:
+            raise AdaptationInputError(f"preferred must have shape (P, d), got {tuple(np.shape(preferred))}")
+        p, r = _aligned_pairs(preferred, rejected, torch.empty(np.shape(preferred)[1]))
+        diffs = (p - r).numpy()
+        if diffs.shape[0] > diffs.shape[1]:
+            return cls(diffs, None)
+        wide = diffs.astype(np.float64)
+        with one_blas_thread():
+            return cls(diffs, wide @ wide.T)
+
+    def __len__(self) -> int:
+        return self.diffs.shape[0]
+
+
+def adapt_many(queries: np.ndarray, pair_sets, weights, lr: float = 0.5, steps: int = 3,
+               beta: float = 1.0, normalize: bool = False, device: str | None = None) -> np.ndarray:
+    """`adapt` of B queries (numpy, CPU), query b on its own `PairSet` with its own weights.
+
+    Every step of eq. 4 adds a combination of the differences D_i = y_i1 - y_i2 to x, so after t
+    steps x_t = u_t x_0 + D^T a_t for a scalar u_t and P coefficients a_t (u stays 1 unless
+    `normalize` rescales). The margins of eq. 2 are then D x_t = u_t D x_0 + G a_t with G = D D^T,
+    so a step is a (P, P) product instead of two (P, d) ones, and the steps of all B queries run
+    as one batched product on their stacked Gram matrices; x' is formed once at the end. With
+    `normalize`, u and a are divided by ||x_t|| = sqrt(u^2 ||x_0||^2 + 2 u a . D x_0 + a^T G a).
+    The iterates are those of `adapt` up to float rounding (tests/test_bt.py). A PairSet without
+    a Gram (P > d) takes `adapt`'s steps in x instead.
+
+    queries: (B, d); pair_sets: B PairSets, or None for a query without pairs (it comes back
+    unchanged); weights: B arrays (P_b,) >= 0, or None for all ones. device: None for the span
+    form in numpy; a torch device ("cuda") stacks the differences there and takes the padded
+    batched steps of `adapt_batched` instead (a few large kernels beat many small ones on a GPU).
+    Returns (B, d) float32.
+    """
+    _check_hyper(lr, steps, beta)
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim != 2:
+        raise AdaptationInputError(f"queries must have shape (B, d), got {q.shape}")
+    if not np.isfinite(q.sum(dtype=np.float64)):  # one reduction in the common case, as `_check_finite`
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(q))[0])
+        raise AdaptationInputError(f"queries[{index[0]}, {index[1]}] is {q[index]}: embeddings must be finite")
+    if not len(pair_sets) == len(weights) == len(q):
+        raise AdaptationInputError(
+            f"need one pair set and one weight vector per query: {len(q)} queries, "
+            f"{len(pair_sets)} pair sets, {len(weights)} weight vectors"
+        )
+    given: list[np.ndarray | None] = [None] * len(q)  # per query: its pair weights; None: no pairs
+    for b, (pairs, w) in enumerate(zip(pair_sets, weights)):
+        if pairs is None or not len(pairs):
+            continue
+        if pairs.diffs.shape[1] != q.shape[1]:
+            raise AdaptationInputError(
+                f"pair_sets[{b}] has dimension {pairs.diffs.shape[1]} but the queries have {q.shape[1]}"
+            )
+        given[b] = np.ones(len(pairs)) if w is None else np.asarray(w, dtype=np.float64)
+        if given[b].shape != (len(pairs),):
+            raise AdaptationInputError(
+                f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}")
+    rows = [b for b, w in enumerate(given) if w is not None]
+    if rows and not _valid_weights(np.concatenate([given[b] for b in rows])).all():  # one check for the batch
+        b = next(b for b in rows if not _valid_weights(given[b]).all())
+        i = int(np.flatnonzero(~_valid_weights(given[b]))[0])
+        raise AdaptationInputError(f"weights[{b}][{i}] is {given[b][i]}: pair weights must be >= 0")
+    out = q.copy()
+    if not rows:
+        return out
+    if device is not None:
+        return _adapt_on_device(out, rows, pair_sets, given, lr, int(steps), beta, normalize, device)
+    span = [b for b in rows if pair_sets[b].gram is not None]
+    with one_blas_thread():
+        for chunk in _chunks_by_size(span, [len(pair_sets[b]) ** 2 for b in span]):
+            out[chunk] = _descend_in_span(q[chunk], [pair_sets[b] for b in chunk], [given[b] for b in chunk],
+                                          lr, int(steps), beta, normalize)
+        for b in rows:
+            if pair_sets[b].gram is None:
+                out[b] = _descend_in_x(q[b], pair_sets[b].diffs, given[b], lr, int(steps), beta, normalize)
+    return out
+
+
+def _valid_weights(w: np.ndarray) -> np.ndarray:
+    return np.isfinite(w) & (w >= 0)
+
+
+def _adapt_on_device(out: np.ndarray, rows: list[int], pair_sets, weights, lr: float, steps: int,
+                     beta: float, normalize: bool, device: str) -> np.ndarray:
+    """`adapt_many` for the queries `rows` through `_descend_stacked` on a torch device."""
+    to = dict(device=device, dtype=torch.float32)
+    diff = torch.as_tensor(np.concatenate([pair_sets[b].diffs for b in rows]), **to)
+    own = torch.as_tensor(np.repeat(np.arange(len(rows)), [len(pair_sets[b]) for b in rows]), device=device)
+    w = torch.as_tensor(np.concatenate([weights[b] for b in rows]), **to)
+    x = _descend_stacked(torch.as_tensor(out[rows], **to), diff, own, w, lr, steps, beta, normalize)
+    out[rows] = x.cpu().numpy()
+    return out
+
+
+def _chunks_by_size(items: list[int], costs: list[int]) -> list[list[int]]:
+    """Cut `items` (sorted by decreasing cost) into runs whose padding to their largest member at
+    most doubles their total cost, so one big member never inflates every other's."""
+    ranked = sorted(range(len(items)), key=lambda j: -costs[j])
+    chunks, i = [], 0
+    while i < len(ranked):
+        largest, j, total = costs[ranked[i]], i, 0
+        while j < len(ranked) and (j - i + 1) * largest <= 2 * (total + costs[ranked[j]]):
+            total += costs[ranked[j]]
+            j += 1
+        chunks.append([items[k] for k in ranked[i:j]])
         i = j
     return chunks
+
+
+def _descend_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.ndarray], lr: float,
+                     steps: int, beta: float, normalize: bool) -> np.ndarray:
+    """The steps of `adapt_many` for U queries with Gram matrices, zero-padded to one (U, n, n) stack."""
+    u_count, n = len(q), max(len(p) for p in pair_sets)
+    gram = np.zeros((u_count, n, n))
+    at_x0 = np.zeros((u_count, n))  # D x_0
+    scale = np.zeros((u_count, n))  # lr * beta * w_i / P (eq. 4's mean); 0 on padding, whose coefficients stay 0
+    for row, (pairs, w) in enumerate(zip(pair_sets, weights)):
+        m = len(pairs)
+        gram[row, :m, :m] = pairs.gram
+        at_x0[row, :m] = pairs.diffs @ q[row]
+        scale[row, :m] = w * (lr * beta / m)
+    u = np.ones((u_count, 1))
+    a = np.zeros((u_count, n))
+    for _ in range(steps):
+        margins = u * at_x0 + np.matmul(gram, a[:, :, None])[:, :, 0]  # D x_t
+        a += scale * logistic(-beta * margins)  # x <- x - lr * grad (eq. 4): sigmoid(-m) = 1 - p
+        if normalize:
+            x0_sq = np.einsum("ud,ud->u", q, q, dtype=np.float64)[:, None]
+            norm_sq = u * u * x0_sq + 2 * u * (a * at_x0).sum(1, keepdims=True) + np.einsum(
+                "un,unm,um->u", a, gram, a)[:, None]
+            norm = np.sqrt(np.maximum(norm_sq, np.finfo(np.float64).tiny))
+            u, a = u / norm, a / norm
+    out = np.empty_like(q)
+    for row, pairs in enumerate(pair_sets):
+        out[row] = u[row, 0] * q[row] + a[row, : len(pairs)].astype(np.float32) @ pairs.diffs
+    return out
+
+
+def _descend_in_x(x: np.ndarray, diffs: np.ndarray, weights: np.ndarray, lr: float, steps: int,
+                  beta: float, normalize: bool) -> np.ndarray:
+    """`adapt`'s own steps in numpy, for one query whose pairs outnumber the dimensions."""
+    scale = (weights * (lr * beta / len(diffs))).astype(np.float32)
+    for _ in range(steps):
+        x = x + (scale * logistic(-beta * (diffs @ x))) @ diffs
+        if normalize:
+            x = x / max(float(np.linalg.norm(x)), float(np.finfo(np.float32).tiny))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

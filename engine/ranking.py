@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.bt import logistic
 from storage.errors import ClipbtError
 
 
@@ -38,10 +39,6 @@ class Ranking:
     p_next: np.ndarray  # float64 P(order[r] beats order[r + 1]) (eq. 2); NaN for the last
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic function
-
-
 def fit_strengths(prior_mean, winners, losers, weights=None, prior_precision: float = 1.0,
                   steps: int = 3) -> np.ndarray:
     """MAP Bradley-Terry strengths under a Gaussian prior, by Newton's method:
@@ -71,7 +68,7 @@ def fit_strengths(prior_mean, winners, losers, weights=None, prior_precision: fl
     np.add.at(design, (rows, lw), 1.0)
     np.add.at(design, (rows, ll), -1.0)
     for _ in range(int(steps)):
-        p = _sigmoid(sub[lw] - sub[ll])
+        p = logistic(sub[lw] - sub[ll])
         grad = design.T @ (w * (1.0 - p)) - prior_precision * (sub - mu[items])
         neg_hessian = (design.T * (w * p * (1.0 - p))) @ design + prior_precision * np.eye(m)
         sub = sub + np.linalg.solve(neg_hessian, grad)
@@ -115,5 +112,5 @@ def rank_candidates(similarity, beta: float = 1.0, winners=(), losers=(), weight
     order = np.argsort(-theta, kind="stable")
     strength = theta[order]
     p_next = np.full(len(s), np.nan)
-    p_next[:-1] = _sigmoid(strength[:-1] - strength[1:])
+    p_next[:-1] = logistic(strength[:-1] - strength[1:])
     return Ranking(order=order, strength=strength, p_next=p_next)

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from engine.bt import AdaptConfig, adapt_batched, one_torch_thread
+from engine.bt import AdaptConfig, PairSet, adapt_many
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
 from storage.errors import ClipbtError, CollectionMismatchError
@@ -36,7 +35,7 @@ class SearchConfig:
     bandwidth: float = 0.1  # kernel width tau of "query-kernel": weight exp(-(1 - cos) / tau)
     oversample: int = 2  # FAISS returns max(oversample * k, k + min_extra) candidates to rank
     min_extra: int = 16  # ... so a direct comparison can lift an image from below the top k
-    device: str | None = None  # torch device of the adaptation step ("cuda"); None: numpy-backed CPU tensors
+    device: str | None = None  # torch device of the adaptation step ("cuda"); None: numpy on the CPU (`bt.adapt_many`)
     text_cache_size: int = 1024  # query texts whose embedding is kept (LRU)
     query_cache_size: int = 4096  # adapted queries kept (LRU), keyed by (user, preference version, query)
 
@@ -82,23 +81,24 @@ def candidate_count(k: int, config: SearchConfig) -> int:
     return max(config.oversample * k, k + config.min_extra)
 
 
-def pair_weights(query: np.ndarray, pair_queries: np.ndarray, base: np.ndarray, scope: str,
-                 bandwidth: float) -> np.ndarray:
+def pair_weights(query: np.ndarray, texts: np.ndarray, text_of_pair: np.ndarray, base: np.ndarray,
+                 scope: str, bandwidth: float) -> np.ndarray:
     """Weight of each of a user's pairs for one query.
 
-    query: (d,) query embedding; pair_queries: (P, d) unit embeddings of the texts the pairs were
-    recorded under; base: (P,) the pairs' own weights. "all": base. "query-kernel": base times
-    exp(-(1 - cos(query, pair_query)) / bandwidth), 1 for the same text and decaying with distance.
+    query: (d,) query embedding; texts: (T, d) unit embeddings of the distinct texts the pairs were
+    recorded under; text_of_pair: (P,) each pair's row in `texts`; base: (P,) the pairs' own
+    weights. "all": base. "query-kernel": base times exp(-(1 - cos(query, pair's text)) / bandwidth),
+    1 for the same text and decaying with distance.
     """
     if scope == "all":
         return base
-    cos = pair_queries @ query / np.linalg.norm(query)  # pair_queries are unit rows
-    return base * np.exp(-(1.0 - cos) / bandwidth)
+    cos = texts @ query / np.sqrt(query @ query)  # texts are unit rows
+    return base * np.exp(-(1.0 - cos[text_of_pair]) / bandwidth)
 
 
 def effective_weights(weights: np.ndarray) -> np.ndarray:
     """Rescale one query's pair weights so that the mean gradient of eq. 4 over its P pairs (as
-    `adapt_batched` takes it) becomes sum_i w_i g_i / max(sum_i w_i, 1): pairs of this very query
+    `adapt_many` takes it) becomes sum_i w_i g_i / max(sum_i w_i, 1): pairs of this very query
     (weight 1) count fully, distant ones barely, and weights below one pair in total do not get
     inflated to one."""
     return weights * (len(weights) / max(float(weights.sum()), 1.0))
@@ -132,8 +132,9 @@ class _UserPairs:
     preferred: np.ndarray  # (P,) image ids
     rejected: np.ndarray  # (P,) image ids
     weight: np.ndarray  # (P,) stored pair weights
-    queries: tuple[str, ...]  # (P,) the text each pair was recorded under
-    vectors: np.ndarray  # (P, 2, d) float32 embeddings of preferred and rejected
+    texts: tuple[str, ...]  # the distinct query texts the pairs were recorded under
+    text_of_pair: np.ndarray  # (P,) each pair's index into `texts`
+    pair_set: PairSet  # differences and Gram matrix of the pairs' embeddings, for `adapt_many`
 
 
 class Engine:
@@ -152,7 +153,7 @@ class Engine:
         self._texts = _LRU(config.text_cache_size)  # text -> (d,) float32 embedding
         self._adapted = _LRU(config.query_cache_size)  # (user, version, query key, settings) -> (x', w)
         self._pairs: dict[str, _UserPairs] = {}  # user -> the pairs of their latest seen version
-        self._pair_texts: dict[str, tuple[int, np.ndarray]] = {}  # user -> (version, (P, d) pair-query embeddings)
+        self._pair_texts: dict[str, tuple[int, np.ndarray]] = {}  # user -> (version, (T, d) embeddings of its pair texts)
         self._paths: dict[int, str] = {}  # image id -> uri, filled as hits are returned
 
     @classmethod
@@ -227,22 +228,27 @@ class Engine:
         found, vectors = self.store.embeddings(self.collection.id, ids, include_deleted=True) if ids else (
             np.zeros(0, np.int64), np.zeros((0, self.collection.dim), np.float32))
         row = {int(i): j for j, i in enumerate(found)}
+        texts = tuple(dict.fromkeys(p.query for p in pairs))
+        text_index = {text: j for j, text in enumerate(texts)}
+        preferred = np.array([p.preferred_id for p in pairs], dtype=np.int64)
+        rejected = np.array([p.rejected_id for p in pairs], dtype=np.int64)
         data = _UserPairs(
             version=version,
-            preferred=np.array([p.preferred_id for p in pairs], dtype=np.int64),
-            rejected=np.array([p.rejected_id for p in pairs], dtype=np.int64),
+            preferred=preferred,
+            rejected=rejected,
             weight=np.array([p.weight for p in pairs], dtype=np.float64),
-            queries=tuple(p.query for p in pairs),
-            vectors=vectors[[[row[p.preferred_id], row[p.rejected_id]] for p in pairs]].reshape(len(pairs), 2, -1),
+            texts=texts,
+            text_of_pair=np.array([text_index[p.query] for p in pairs], dtype=np.int64),
+            pair_set=PairSet.of(vectors[[row[i] for i in preferred.tolist()]], vectors[[row[i] for i in rejected.tolist()]]),
         )
         self._pairs[user] = data
         return data
 
-    def _pair_query_vectors(self, user: str, pairs: _UserPairs) -> np.ndarray:
-        """Unit embeddings (P, d) of the texts the user's pairs were recorded under, kept per version."""
+    def _pair_text_vectors(self, user: str, pairs: _UserPairs) -> np.ndarray:
+        """Unit embeddings (T, d) of the distinct texts the user's pairs were recorded under, kept per version."""
         cached = self._pair_texts.get(user)
         if cached is None or cached[0] != pairs.version:
-            vectors = self.encode(pairs.queries)
+            vectors = self.encode(pairs.texts)
             cached = (pairs.version, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
             self._pair_texts[user] = cached
         return cached[1]
@@ -255,16 +261,14 @@ class Engine:
             del self._adapted[key]
 
     def _personalise(self, requests: Sequence[SearchRequest], queries: np.ndarray, config: SearchConfig):
-        """Adapted queries (B, d) and, per request, (its pairs or None, their weights)."""
+        """Adapted queries (B, d) and, per request, (its user's pairs or None, their weights)."""
         adapted = queries.copy()
         context: list[tuple[_UserPairs | None, np.ndarray | None]] = [(None, None)] * len(requests)
-        todo: list[int] = []
-        keys = {}
+        todo: list[int] = []  # requests to adapt now (not cached)
+        keys = []
         versions = self.store.preference_versions(r.user for r in requests if r.user is not None)
         for i, r in enumerate(requests):
-            if r.user is None:
-                continue
-            version = versions[r.user]  # None: an unknown user, who has no preferences
+            version = None if r.user is None else versions[r.user]  # None: no user, or an unknown one
             if version is None:
                 continue
             pairs = self._user_pairs(r.user, version)
@@ -277,31 +281,19 @@ class Engine:
                 adapted[i], weights = hit
                 context[i] = (pairs, weights)
                 continue
-            base = pairs.weight
-            weights = base if config.scope == "all" else pair_weights(
-                queries[i], self._pair_query_vectors(r.user, pairs), base, config.scope, config.bandwidth)
+            weights = pairs.weight if config.scope == "all" else pair_weights(
+                queries[i], self._pair_text_vectors(r.user, pairs), pairs.text_of_pair, pairs.weight,
+                config.scope, config.bandwidth)
             context[i] = (pairs, weights)
-            keys[i] = key
             todo.append(i)
+            keys.append(key)
         if todo:
-            preferred = np.concatenate([context[i][0].vectors[:, 0] for i in todo])
-            rejected = np.concatenate([context[i][0].vectors[:, 1] for i in todo])
-            weights = np.concatenate([effective_weights(context[i][1]) for i in todo])
-            owner = np.repeat(np.arange(len(todo)), [len(context[i][1]) for i in todo])
             a = config.adapt
-            if config.device is None:
-                with one_torch_thread():  # tiny ops: threads cost more than they save, and fight FAISS's
-                    out = adapt_batched(queries[todo], preferred, rejected, owner, a.lr, a.steps, a.beta,
-                                        weights.astype(np.float32), a.normalize)
-            else:
-                to = dict(device=config.device, dtype=torch.float32)
-                out = adapt_batched(torch.as_tensor(queries[todo], **to), torch.as_tensor(preferred, **to),
-                                    torch.as_tensor(rejected, **to), torch.as_tensor(owner, device=config.device),
-                                    a.lr, a.steps, a.beta, torch.as_tensor(weights, **to), a.normalize)
-                out = out.cpu().numpy()
-            adapted[todo] = out
-        for i, key in keys.items():
-            self._adapted.put(key, (adapted[i].copy(), context[i][1]))
+            adapted[todo] = adapt_many(queries[todo], [context[i][0].pair_set for i in todo],
+                                       [effective_weights(context[i][1]) for i in todo],
+                                       a.lr, a.steps, a.beta, a.normalize, device=config.device)
+            for i, key in zip(todo, keys):
+                self._adapted.put(key, (adapted[i].copy(), context[i][1]))
         return adapted, context
 
     # -- preferences -------------------------------------------------------------------------
@@ -347,7 +339,7 @@ class Engine:
         similarity = vectors @ adapted[0]
         if ids[0] > ids[1]:  # embeddings come back in id order
             similarity = similarity[::-1]
-        winners, losers, weights = _direct_comparisons(ids, *context[0])
+        winners, losers, weights = _direct_comparisons(ids[None], context)[0]
         ranking = rank_candidates(similarity, config.adapt.beta, winners, losers, weights, config.rank)
         theta = np.empty(2)
         theta[ranking.order] = ranking.strength
@@ -385,15 +377,15 @@ class Engine:
             raise EmptyCollectionError(
                 f"collection {self.collection.name!r} has no images: add some with `clipbt index PATH`"
             )
-        return [
-            self._rank(r, scores[i], ids[i], context[i], config)
-            for i, r in enumerate(requests)
-        ]
+        wanted = np.array([candidate_count(r.k, config) for r in requests])
+        candidates = np.where(np.arange(depth) < wanted[:, None], ids, -1)  # -1: not a candidate
+        comparisons = _direct_comparisons(candidates, context)
+        return [self._rank(r, scores[i], candidates[i], comparisons[i], config) for i, r in enumerate(requests)]
 
-    def _rank(self, request: SearchRequest, scores: np.ndarray, ids: np.ndarray, context, config) -> list[Hit]:
-        keep = ids[: candidate_count(request.k, config)] >= 0
-        ids, scores = ids[: len(keep)][keep], scores[: len(keep)][keep]
-        winners, losers, weights = _direct_comparisons(ids, *context)
+    def _rank(self, request: SearchRequest, scores: np.ndarray, ids: np.ndarray, comparisons, config) -> list[Hit]:
+        keep = ids >= 0  # a prefix: FAISS pads missing results at the end
+        ids, scores = ids[keep], scores[keep]
+        winners, losers, weights = comparisons
         ranking = rank_candidates(scores, config.adapt.beta, winners, losers, weights, config.rank)
         top = ranking.order[: request.k]
         paths = self._uris(ids[top])
@@ -416,16 +408,39 @@ class Engine:
         return [self._paths[int(i)] for i in ids]
 
 
-def _direct_comparisons(candidates: np.ndarray, pairs: _UserPairs | None, weights: np.ndarray | None):
-    """(winners, losers, weights) of the user's pairs whose two images are both candidates, as
-    indices into `candidates`."""
-    if pairs is None or len(candidates) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), None
-    where = {image: i for i, image in enumerate(candidates.tolist())}
-    win = np.array([where.get(image, -1) for image in pairs.preferred.tolist()], dtype=np.int64)
-    lose = np.array([where.get(image, -1) for image in pairs.rejected.tolist()], dtype=np.int64)
+def _direct_comparisons(candidates: np.ndarray, context) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Per request, (winners, losers, weights) of its user's pairs whose two images are both among
+    its candidates, as column indices into its row of `candidates` (B, c) image ids (-1: none).
+
+    One sorted lookup for the whole batch: (request, image) pairs become keys
+    row * span + image id + 1, unique per request, with a missing candidate at offset 0, which no
+    pair's image has.
+    """
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64), None)
+    found = [none] * len(candidates)
+    rows = [i for i, (pairs, _) in enumerate(context) if pairs is not None]
+    if not rows or candidates.size == 0:
+        return found
+    preferred = np.concatenate([context[i][0].preferred for i in rows])
+    rejected = np.concatenate([context[i][0].rejected for i in rows])
+    weights = np.concatenate([context[i][1] for i in rows])
+    owner = np.repeat(np.arange(len(rows)), [len(context[i][1]) for i in rows])
+    span = int(max(candidates.max(), preferred.max(), rejected.max())) + 2
+    keys = (np.arange(len(rows))[:, None] * span + candidates[rows] + 1).ravel()
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+
+    def column(images: np.ndarray) -> np.ndarray:
+        wanted = owner * span + images + 1
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        return np.where(keys[at] == wanted, order[at] % candidates.shape[1], -1)
+
+    win, lose = column(preferred), column(rejected)
     both = (win >= 0) & (lose >= 0) & (weights > 0)
-    return win[both], lose[both], weights[both]
+    for k in np.unique(owner[both]).tolist():
+        mine = both & (owner == k)
+        found[rows[k]] = (win[mine], lose[mine], weights[mine])
+    return found
 
 
 def _load_encoder(collection: Collection):

@@ -117,6 +117,84 @@ def test_batched_runs_on_cuda_and_matches_cpu():
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_span_form_equals_adapt(normalize):
+    """adapt_many (steps on Gram matrices, batched and padded) against `adapt` query by query."""
+    rng = np.random.default_rng(7)
+    d = 24
+    counts = [3, 0, 1, 17, 40, 5, 5, 2]  # ragged; 0 = no pairs; 40 > d takes the steps in x
+    raw = [(unit_rows(rng, n, d), unit_rows(rng, n, d)) for n in counts]
+    raw[6] = raw[5]  # one user's pairs serving two queries
+    sets = [bt.PairSet.of(p, r) if len(p) else None for p, r in raw]
+    weights = [rng.uniform(0.1, 2.0, size=n) if n else None for n in counts]
+    weights[2] = None  # all ones
+    queries = unit_rows(rng, len(counts), d).astype(np.float32)
+    queries[7] *= 0.0  # a zero query is valid input to `adapt`
+    got = bt.adapt_many(queries, sets, weights, lr=0.7, steps=5, beta=2.0, normalize=normalize)
+    assert sets[4].gram is None and sets[3].gram is not None
+    for b, (p, r) in enumerate(raw):
+        want = bt.adapt(queries[b].astype(np.float64), p, r, lr=0.7, steps=5, beta=2.0, weights=weights[b],
+                        normalize=normalize)
+        np.testing.assert_allclose(got[b], want, atol=2e-5)
+    # the device path (stacked differences, adapt_batched's padded steps) on the CPU, and on CUDA when there is one
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        stacked = bt.adapt_many(queries, sets, weights, lr=0.7, steps=5, beta=2.0, normalize=normalize, device=device)
+        np.testing.assert_allclose(stacked, got, atol=2e-5)
+
+
+def test_one_blas_thread_limits_numpy_and_restores():
+    from threadpoolctl import threadpool_info
+
+    def numpy_blas():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+
+    before = numpy_blas()
+    if not before:
+        pytest.skip("numpy's BLAS is not one threadpoolctl can see on this machine")
+    with bt.one_blas_thread():
+        assert set(numpy_blas()) == {1}
+    assert numpy_blas() == before
+
+
+def test_span_form_keeps_the_gram_of_its_differences():
+    rng = np.random.default_rng(8)
+    p, r = unit_rows(rng, 6, 10), unit_rows(rng, 6, 10)
+    pairs = bt.PairSet.of(p, r)
+    np.testing.assert_allclose(pairs.diffs, p - r, atol=1e-6)
+    np.testing.assert_allclose(pairs.gram, (p - r) @ (p - r).T, atol=1e-5)
+
+
+def test_chunks_by_size_bounds_padding_and_covers_every_item():
+    rng = np.random.default_rng(9)
+    for _ in range(50):
+        costs = rng.integers(1, 200, size=rng.integers(1, 40)).tolist()
+        items = list(range(100, 100 + len(costs)))
+        chunks = bt._chunks_by_size(items, costs)
+        assert sorted(i for c in chunks for i in c) == items
+        for chunk in chunks:
+            cost = [costs[i - 100] for i in chunk]
+            assert cost[0] == max(cost) and len(chunk) * cost[0] <= 2 * sum(cost)
+
+
+def test_span_form_bad_inputs_raise_a_clear_error():
+    x, p, r, _ = problem(14, 3, 8)
+    pairs = bt.PairSet.of(p, r)
+    with pytest.raises(bt.AdaptationInputError, match=r"rejected\[2, 5\] is nan"):
+        bt.PairSet.of(p, np.where((np.arange(3)[:, None] == 2) & (np.arange(8) == 5), np.nan, r))
+    with pytest.raises(bt.AdaptationInputError, match=r"preferred has 3 rows but rejected has 2"):
+        bt.PairSet.of(p, r[:2])
+    with pytest.raises(bt.AdaptationInputError, match=r"weights\[1\]\[2\] is -1.0: pair weights must be >= 0"):
+        bt.adapt_many(np.stack([x, x]), [pairs, pairs], [None, np.array([1.0, 1.0, -1.0])])
+    with pytest.raises(bt.AdaptationInputError, match=r"weights\[0\] must have shape \(3,\)"):
+        bt.adapt_many(x[None], [pairs], [np.ones(2)])
+    with pytest.raises(bt.AdaptationInputError, match=r"pair_sets\[0\] has dimension 8 but the queries have 4"):
+        bt.adapt_many(x[None, :4], [pairs], [None])
+    with pytest.raises(bt.AdaptationInputError, match=r"queries\[0, 1\] is inf"):
+        bt.adapt_many(np.where(np.arange(8) == 1, np.inf, x)[None], [pairs], [None])
+    with pytest.raises(bt.AdaptationInputError, match="2 queries, 1 pair sets, 1 weight vectors"):
+        bt.adapt_many(np.stack([x, x]), [pairs], [None])
+
+
 @pytest.mark.parametrize("r_,m,d,beta", [(1, 2, 4, 1.0), (5, 4, 16, 1.0), (3, 7, 32, 2.5)])
 def test_plackett_luce_gradient_equals_autograd(r_, m, d, beta):
     rng = np.random.default_rng(r_ * m)

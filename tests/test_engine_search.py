@@ -146,6 +146,29 @@ def test_batched_equals_one_by_one(world):
             np.testing.assert_allclose([h.score for h in b], [h.score for h in s], atol=1e-5)
 
 
+def test_batch_with_direct_comparisons_equals_brute_force(world):
+    """Several users in one batch, each with comparisons among their own candidates: every
+    request's ranking is the brute-force one of its own user."""
+    engine, ids, vectors, _ = world
+    config = SearchConfig(scope="all", adapt=AdaptConfig(lr=0.5, steps=3, beta=2.0))
+    rng = np.random.default_rng(11)
+    texts = ["a cat", "a dog", "a red circle"]
+    pairs = {}
+    for n, user in enumerate(("v0", "v1", "v2")):
+        plain = [h.id for h in engine.search(texts[n], k=12)]
+        pairs[user] = [(plain[8 - n], plain[n]), (plain[11], plain[2])]  # among the candidates
+        pairs[user] += [(int(ids[i]), int(ids[j])) for i, j in rng.integers(0, len(ids), size=(4, 2)) if i != j]
+        for win, lose in pairs[user]:
+            engine.prefer(user, texts[n], win, lose)
+    requests = [SearchRequest(texts[0], "v0", 6), SearchRequest(texts[1], "v1", 9), SearchRequest(texts[2], None, 5),
+                SearchRequest(texts[2], "v2", 4), SearchRequest(texts[1], "v0", 7)]
+    for request, hits in zip(requests, engine.search_many(requests, config)):
+        query = engine.encode([request.query])[0]
+        expected, theta, _ = reference_search(query, vectors, ids, pairs.get(request.user, []), request.k, config)
+        assert [h.id for h in hits] == expected, request
+        np.testing.assert_allclose([h.score for h in hits], theta, atol=1e-4)
+
+
 def test_adapted_query_cache_is_dropped_on_a_new_preference(world):
     engine, ids, _, _ = world
     engine.prefer("cat", "a cat", int(ids[0]), int(ids[40]))
@@ -197,10 +220,11 @@ def test_deleted_images_never_come_back(world, encoder):
 
 def test_kernel_weights_and_their_normalisation():
     q = _unit(np.array([1.0, 0.0]))
-    pq = _unit(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-    w = pair_weights(q, pq, np.array([1.0, 1.0, 2.0]), "query-kernel", 0.5)
-    np.testing.assert_allclose(w, [1.0, np.exp(-2.0), 2 * np.exp(-(1 - np.sqrt(0.5)) / 0.5)], rtol=1e-6)
-    np.testing.assert_allclose(pair_weights(q, pq, np.ones(3), "all", 0.5), np.ones(3))
+    texts = _unit(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    w = pair_weights(q, texts, np.array([0, 1, 2, 1]), np.array([1.0, 1.0, 2.0, 3.0]), "query-kernel", 0.5)
+    far, diagonal = np.exp(-2.0), np.exp(-(1 - np.sqrt(0.5)) / 0.5)
+    np.testing.assert_allclose(w, [1.0, far, 2 * diagonal, 3 * far], rtol=1e-6)
+    np.testing.assert_allclose(pair_weights(q, texts, np.arange(3), np.ones(3), "all", 0.5), np.ones(3))
     g = np.random.default_rng(0).standard_normal((3, 4))  # per-pair gradients
     for w in (np.array([0.1, 0.2, 0.05]), np.array([1.0, 1.0, 2.0])):  # under / over one pair in total
         np.testing.assert_allclose((effective_weights(w)[:, None] * g).mean(0), (w[:, None] * g).sum(0) / max(w.sum(), 1))

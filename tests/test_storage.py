@@ -363,6 +363,8 @@ def test_preference_version_and_delete_user(store):
     assert store.preference_version("ann") not in versions
     assert store.preference_versions(["bob", "ann", "carol", "bob"]) == {
         "ann": store.preference_version("ann"), "bob": store.preference_version("bob"), "carol": None}
+    many = store.preference_versions([f"nobody{i}" for i in range(1200)] + ["bob"])  # several IN chunks
+    assert len(many) == 1201 and many["bob"] == store.preference_version("bob") and many["nobody7"] is None
 
 
 def test_consistency_check_finds_damage(store):
