@@ -5,7 +5,7 @@ import shlex
 
 import click
 
-from engine import preference_bench, preference_data
+from indexer.cli import DeferredOptions
 
 
 def _sizes(ctx, param, value: str) -> tuple[int, ...]:
@@ -28,10 +28,15 @@ def bench() -> None:
     """
 
 
-@bench.command()
+def _format_option() -> list[click.Parameter]:
+    from engine.preference_data import FORMATS
+
+    return [click.Option(["--format", "fmt"], type=click.Choice(FORMATS),
+                         help="Layout of DATASET (default: detected from its suffix and contents).")]
+
+
+@bench.command(cls=DeferredOptions, deferred=_format_option)
 @click.argument("dataset")
-@click.option("--format", "fmt", type=click.Choice(preference_data.FORMATS),
-              help="Layout of DATASET (default: detected from its suffix and contents).")
 @click.option("--sizes", default="0,1,2,5,10,20,50", show_default=True, callback=_sizes,
               help="Training-set sizes N, comma-separated.")
 @click.option("--repeats", default=10, show_default=True, help="Random training sets per N.")
@@ -57,6 +62,8 @@ def preference(obj, dataset, fmt, sizes, repeats, eval_size, query, per_user, mo
 
         clipbt bench preference world --per-user --out benchmarks/results
     """
+    from engine import preference_bench, preference_data
+
     config = preference_bench.BenchConfig(sizes=sizes, repeats=repeats, eval_size=eval_size, per_user=per_user,
                                           seed=seed)
     fmt = fmt or preference_data.detect_format(dataset)

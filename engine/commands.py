@@ -8,9 +8,17 @@ from pathlib import Path
 import click
 import numpy as np
 
-from engine.preferences import collection_info, export_preferences, import_preferences
-from engine.search import SCOPES, EmptyCollectionError, Engine, SearchConfig, SearchRequest
+from engine.preferences import (
+    collection_info,
+    export_preferences,
+    import_preferences,
+    record_feedback,
+    record_pair,
+    record_ranking,
+)
+from indexer.cli import DeferredOptions
 from storage import Store
+from storage.errors import EmptyCollectionError
 
 collection_option = click.option("--collection", "-c", default="default", show_default=True,
                                  help="Collection to use.")
@@ -26,27 +34,46 @@ def _store(obj):
 
 
 @contextmanager
-def _engine(obj, collection: str, config: SearchConfig = SearchConfig()):
+def _indexed_store(obj):
+    """The store once it holds a collection; else EmptyCollectionError, as `Engine.open` raises it."""
     with _store(obj) as store:
-        yield Engine.open(store, collection, config)
+        if not store.collections():
+            raise EmptyCollectionError("no collection yet: add images with `clipbt index PATH`")
+        yield store
+
+
+@contextmanager
+def _engine(obj, collection: str, config=None):
+    from engine.search import Engine, SearchConfig
+
+    with _store(obj) as store:
+        yield Engine.open(store, collection, config or SearchConfig())
 
 
 def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-@click.command()
+def _adaptation_options() -> list[click.Parameter]:
+    from engine.search import SCOPES, SearchConfig
+
+    default = SearchConfig()
+    return [
+        click.Option(["--lr"], type=float, help=f"BT step size (default {default.adapt.lr})."),
+        click.Option(["--steps"], type=int, help=f"BT gradient steps (default {default.adapt.steps})."),
+        click.Option(["--beta"], type=float, help=f"BT inverse temperature (default {default.adapt.beta})."),
+        click.Option(["--scope"], type=click.Choice(SCOPES),
+                     help=f"Which of the user's pairs count (default {default.scope})."),
+    ]
+
+
+@click.command(cls=DeferredOptions, deferred=_adaptation_options)
 @click.argument("text", required=False)
 @click.option("--user", "-u", help="Personalise with this user's preferences.")
 @click.option("-k", "k", default=10, show_default=True, help="How many images to return.")
 @click.option("--vector", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Search with this query embedding (.npy, shape (dim,)) instead of encoding TEXT.")
 @click.option("--no-adapt", is_flag=True, help="Ignore the user's preferences: the plain query.")
-@click.option("--lr", type=float, help=f"BT step size (default {SearchConfig().adapt.lr}).")
-@click.option("--steps", type=int, help=f"BT gradient steps (default {SearchConfig().adapt.steps}).")
-@click.option("--beta", type=float, help=f"BT inverse temperature (default {SearchConfig().adapt.beta}).")
-@click.option("--scope", type=click.Choice(SCOPES),
-              help=f"Which of the user's pairs count (default {SearchConfig().scope}).")
 @collection_option
 @json_option
 @click.pass_obj
@@ -57,6 +84,8 @@ def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collect
 
         clipbt search "a red circle" --user ann -k 5
     """
+    from engine.search import SearchConfig, SearchRequest
+
     changes = {name: value for name, value in (("lr", lr), ("steps", steps), ("beta", beta)) if value is not None}
     config = SearchConfig(adapt=dataclasses.replace(SearchConfig().adapt, **changes),
                           scope=scope or SearchConfig().scope)
@@ -89,8 +118,8 @@ def prefer(obj, user, query, preferred, rejected, collection):
 
         clipbt prefer --user ann --query "a red circle" 12 7
     """
-    with _engine(obj, collection) as engine:
-        engine.prefer(user, query, preferred, rejected)
+    with _indexed_store(obj) as store:
+        record_pair(store, collection, user, query, preferred, rejected)
     click.echo(f"{user} prefers {preferred} over {rejected} for {query!r}")
 
 
@@ -107,8 +136,8 @@ def rank(obj, user, query, images, collection):
 
         clipbt rank --user ann --query "a red circle" 12 7 3
     """
-    with _engine(obj, collection) as engine:
-        engine.rank(user, query, list(images))
+    with _indexed_store(obj) as store:
+        record_ranking(store, collection, user, query, images)
     click.echo(f"{user} ranks {' > '.join(images)} for {query!r}")
 
 
@@ -135,8 +164,8 @@ def feedback(obj, user, query, marked, collection):
             raise click.UsageError(f"expected --good or --bad before {token!r}")
         else:
             groups[current].append(token)
-    with _engine(obj, collection) as engine:
-        engine.feedback(user, query, groups["--good"], groups["--bad"])
+    with _indexed_store(obj) as store:
+        record_feedback(store, collection, user, query, groups["--good"], groups["--bad"])
     click.echo(f"{user}: {len(groups['--good'])} good, {len(groups['--bad'])} bad for {query!r}")
 
 
@@ -282,9 +311,7 @@ def info(obj, collection, as_json):
 
         clipbt info --json
     """
-    with _store(obj) as store:
-        if not store.collections():
-            raise EmptyCollectionError("no collection yet: add images with `clipbt index PATH`")
+    with _indexed_store(obj) as store:
         data = collection_info(store, collection)
     if as_json:
         _print_json(data)

@@ -1,16 +1,21 @@
 """`clipbt demo`: a generated collection, the shipped model, one simulated user's answers, results before and after."""
 
+from __future__ import annotations
+
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.search import Engine, Hit
 from engine.world import FEATURE_NAMES, LABELS_FILE, Attributes, SimulatedUser, read_collection, write_collection
 from storage import Store
+
+if TYPE_CHECKING:
+    from engine.search import Hit
 
 DEMO_COLLECTION = "demo"
 DEMO_USER = "demo-user"
@@ -65,7 +70,8 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
         write_collection(folder, config.images, seed=config.seed)
     truth = {os.path.abspath(path): attrs for path, attrs in read_collection(folder)}
 
-    from indexer.pipeline import index_paths  # the indexer pulls in torch and open_clip
+    from engine.search import Engine  # the engine and the indexer pull in torch and open_clip
+    from indexer.pipeline import index_paths
 
     with Store.open(home=home) as store:
         echo("Indexing with the default model ...")

@@ -1,14 +1,38 @@
-"""Preferences as portable JSON records (export / import by image path), and a collection's summary."""
+"""Preferences recorded by image id or path, moved as portable JSON records (export / import), and a collection's summary."""
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-from storage import Store
+from storage import Collection, Store
 from storage.errors import ClipbtError
 
 
 class PreferenceRecordError(ClipbtError, ValueError):
     """A line of a preferences file is not a valid pair, ranking or feedback record."""
+
+
+def _image_ids(store: Store, collection: str | int | Collection, refs: Iterable[int | str]) -> list[int]:
+    """Ids of live images of `collection` named by id or path; UnknownImageError naming the first unknown ref."""
+    return [store.find_image(collection, ref).id for ref in refs]
+
+
+def record_pair(store: Store, collection: str | int | Collection, user: str, query: str,
+                preferred: int | str, rejected: int | str) -> int:
+    """Record that `user` preferred one image over another for `query` (user created if new); returns its id."""
+    preferred_id, rejected_id = _image_ids(store, collection, [preferred, rejected])
+    return store.add_pair(user, query, preferred_id, rejected_id)
+
+
+def record_ranking(store: Store, collection: str | int | Collection, user: str, query: str,
+                   images: Sequence[int | str]) -> int:
+    """Record `user`'s full ranking of images for `query`, best first; returns its id."""
+    return store.add_ranking(user, query, _image_ids(store, collection, images))
+
+
+def record_feedback(store: Store, collection: str | int | Collection, user: str, query: str,
+                    good: Sequence[int | str], bad: Sequence[int | str]) -> int:
+    """Record thumbs up (`good`) and down (`bad`) for `query`, every good over every bad; returns its id."""
+    return store.add_feedback(user, query, _image_ids(store, collection, good), _image_ids(store, collection, bad))
 
 
 def export_preferences(store: Store, user: str | None = None) -> Iterator[dict]:
@@ -64,16 +88,14 @@ def import_preferences(store: Store, lines: Iterable[str]) -> dict[str, int]:
             collection = store.collection(record["collection"])
             source = record.get("source", kind)
 
-            def ids(refs):
-                return [store.find_image(collection.id, ref).id for ref in refs]
-
             if kind == "pair":
-                preferred, rejected = ids([record["preferred"], record["rejected"]])
+                preferred, rejected = _image_ids(store, collection, [record["preferred"], record["rejected"]])
                 store.add_pair(user, query, preferred, rejected, record.get("weight", 1.0), source)
             elif kind == "ranking":
-                store.add_ranking(user, query, ids(record["images"]), source)
+                store.add_ranking(user, query, _image_ids(store, collection, record["images"]), source)
             elif kind == "feedback":
-                store.add_feedback(user, query, ids(record["good"]), ids(record["bad"]), source)
+                good, bad = _image_ids(store, collection, record["good"]), _image_ids(store, collection, record["bad"])
+                store.add_feedback(user, query, good, bad, source)
             else:
                 raise PreferenceRecordError(f"line {number}: unknown kind {kind!r} (pair, ranking or feedback)")
         except json.JSONDecodeError as exc:

@@ -2,6 +2,7 @@
 
 import hashlib
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -9,19 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.bt import AdaptConfig, PairSet, adapt_many
+from engine.preferences import record_feedback, record_pair, record_ranking
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
-from storage.errors import ClipbtError, CollectionMismatchError
+from storage.errors import ClipbtError, CollectionMismatchError, EmptyCollectionError
 
 SCOPES = ("query-kernel", "all")
 
 
 class SearchInputError(ClipbtError, ValueError):
     """A search request is malformed: k < 1, no query, a query vector of the wrong size or not finite."""
-
-
-class EmptyCollectionError(ClipbtError, LookupError):
-    """The collection has no live image to search."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,7 @@ class SearchConfig:
     device: str | None = None  # torch device of the adaptation step ("cuda"); None: numpy on the CPU (`bt.adapt_many`)
     text_cache_size: int = 1024  # query texts whose embedding is kept (LRU)
     query_cache_size: int = 4096  # adapted queries kept (LRU), keyed by (user, preference version, query)
+    user_cache_size: int = 1024  # users whose pairs (embedding differences and Gram matrix) are kept (LRU)
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -48,6 +47,9 @@ class SearchConfig:
             raise SearchInputError(
                 f"oversample must be >= 1 and min_extra >= 0, got {self.oversample} and {self.min_extra}"
             )
+        for name in ("text_cache_size", "query_cache_size", "user_cache_size"):
+            if getattr(self, name) < 1:
+                raise SearchInputError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,8 @@ class Engine:
         self._index = index
         self._texts = _LRU(config.text_cache_size)  # text -> (d,) float32 embedding
         self._adapted = _LRU(config.query_cache_size)  # (user, version, query key, settings) -> (x', w)
-        self._pairs: dict[str, _UserPairs] = {}  # user -> the pairs of their latest seen version
-        self._pair_texts: dict[str, tuple[int, np.ndarray]] = {}  # user -> (version, (T, d) embeddings of its pair texts)
+        self._pairs = _LRU(config.user_cache_size)  # user -> _UserPairs of their latest seen version
+        self._pair_texts = _LRU(config.user_cache_size)  # user -> (version, (T, d) embeddings of its pair texts)
         self._paths: dict[int, str] = {}  # image id -> uri, filled as hits are returned
 
     @classmethod
@@ -186,11 +188,13 @@ class Engine:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Text embeddings (n, d) float32, each text encoded once per engine (LRU cache)."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        found = {text: self._texts.get(text) for text in texts}  # held here: a batch may outgrow the cache
+        missing = [text for text, vector in found.items() if vector is None]
         if missing:
             for text, vector in zip(missing, self.encoder.encode_text(missing)):
-                self._texts.put(text, np.asarray(vector, dtype=np.float32))
-        return np.stack([self._texts.get(t) for t in texts]) if texts else np.zeros((0, self.collection.dim), np.float32)
+                found[text] = np.asarray(vector, dtype=np.float32)
+                self._texts.put(text, found[text])
+        return np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.collection.dim), np.float32)
 
     def _query_vectors(self, requests: Sequence[SearchRequest]) -> np.ndarray:
         d = self.collection.dim
@@ -241,7 +245,7 @@ class Engine:
             text_of_pair=np.array([text_index[p.query] for p in pairs], dtype=np.int64),
             pair_set=PairSet.of(vectors[[row[i] for i in preferred.tolist()]], vectors[[row[i] for i in rejected.tolist()]]),
         )
-        self._pairs[user] = data
+        self._pairs.put(user, data)
         return data
 
     def _pair_text_vectors(self, user: str, pairs: _UserPairs) -> np.ndarray:
@@ -250,7 +254,7 @@ class Engine:
         if cached is None or cached[0] != pairs.version:
             vectors = self.encode(pairs.texts)
             cached = (pairs.version, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
-            self._pair_texts[user] = cached
+            self._pair_texts.put(user, cached)
         return cached[1]
 
     def forget(self, user: str) -> None:
@@ -304,20 +308,19 @@ class Engine:
 
     def prefer(self, user: str, query: str, preferred: int | str, rejected: int | str) -> int:
         """Record that `user` preferred one image over another for `query` (user created if new)."""
-        pair = self.store.add_pair(user, query, self.image(preferred).id, self.image(rejected).id)
+        pair = record_pair(self.store, self.collection.id, user, query, preferred, rejected)
         self.forget(user)
         return pair
 
     def rank(self, user: str, query: str, images: Sequence[int | str]) -> int:
         """Record `user`'s full ranking of images for `query`, best first."""
-        ranking = self.store.add_ranking(user, query, [self.image(ref).id for ref in images])
+        ranking = record_ranking(self.store, self.collection.id, user, query, images)
         self.forget(user)
         return ranking
 
     def feedback(self, user: str, query: str, good: Sequence[int | str], bad: Sequence[int | str]) -> int:
         """Record thumbs up (`good`) and down (`bad`) for `query`; it counts as every good over every bad."""
-        record = self.store.add_feedback(
-            user, query, [self.image(ref).id for ref in good], [self.image(ref).id for ref in bad])
+        record = record_feedback(self.store, self.collection.id, user, query, good, bad)
         self.forget(user)
         return record
 
@@ -454,11 +457,16 @@ def _load_encoder(collection: Collection):
     elif collection.pretrained == BUNDLED:
         encoder = Encoder.load(collection.model)
     elif collection.pretrained.startswith("sha256:"):
-        raise ModelUnavailableError(
-            f"collection {collection.name!r} was embedded by {collection.model} with a checkpoint file "
-            f"({collection.pretrained}) that clipbt does not keep; search it through the library "
-            "with Engine(store, collection, encoder=Encoder.load(model, PATH))"
-        )
+        path = collection.checkpoint_path
+        if path is None or not os.path.isfile(path):
+            where = f"is no longer at {path}, where it was last read" if path else "has no recorded path"
+            raise ModelUnavailableError(
+                f"collection {collection.name!r} was embedded by {collection.model} with a checkpoint file "
+                f"({collection.pretrained}) that {where}; record where it is now with `clipbt index "
+                f"FOLDER --collection {collection.name} --model {collection.model} --pretrained CHECKPOINT` "
+                "(unchanged images are not embedded again)"
+            )
+        encoder = Encoder.load(collection.model, path)  # a changed file fails the identity check below
     else:
         encoder = Encoder.load(collection.model, collection.pretrained)
     if (encoder.model_name, encoder.pretrained, encoder.dim) != (collection.model, collection.pretrained, collection.dim):

@@ -5,14 +5,13 @@ Exit status: 0 done; 3 done with skips (files or rows left out, each listed with
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from indexer.embeddings_io import export_embeddings, import_embeddings
-from indexer.encoder import Encoder
 from indexer.faiss_index import INDEX_TYPES
-from indexer.pipeline import IndexOptions, index_paths
 from storage import Store
 
 EXIT_DONE = 0  # every file or row was taken
@@ -30,6 +29,28 @@ _collection = click.option("--collection", "-c", default="default", show_default
 _json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 
 
+class DeferredOptions(click.Command):
+    """A command whose last options `deferred()` builds when it first parses arguments or shows help,
+    so that importing it (as `clipbt --help` does) skips the torch modules their defaults come from."""
+
+    def __init__(self, *args, deferred: Callable[[], list[click.Parameter]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deferred = deferred
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self._deferred is not None:
+            self.params.extend(self._deferred())
+            self._deferred = None
+        return super().get_params(ctx)
+
+
+def _batch_size_option() -> list[click.Parameter]:
+    from indexer.pipeline import IndexOptions
+
+    return [click.Option(["--batch-size"], default=IndexOptions.batch_size, show_default=True, type=click.IntRange(1),
+                         help="Images per encoder batch and per commit.")]
+
+
 def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str]) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -41,14 +62,12 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
     click.get_current_context().exit(EXIT_SKIPPED if problems else EXIT_DONE)
 
 
-@click.command("index")
+@click.command("index", cls=DeferredOptions, deferred=_batch_size_option)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_collection
 @_model
 @_pretrained
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: CUDA in float16 when present, else CPU].")
-@click.option("--batch-size", default=IndexOptions.batch_size, show_default=True, type=click.IntRange(1),
-              help="Images per encoder batch and per commit.")
 @click.option("--workers", default=None, type=click.IntRange(0),
               help="Decoding processes [default: CPU cores - 1]; 0 decodes in the main process.")
 @click.option("--index-type", default="flat", show_default=True,
@@ -69,6 +88,9 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
         clipbt index ~/Pictures --model ViT-B-32 --pretrained openai --json
     """
+    from indexer.encoder import Encoder
+    from indexer.pipeline import IndexOptions, index_paths
+
     encoder = Encoder.load(model, pretrained, device)
     options = IndexOptions(batch_size=batch_size, workers=workers, remove_missing=remove_missing,
                            index_type=index_type, progress=progress)

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image as PILImage
 
-from indexer.encoder import file_sha256, model_identity
 from indexer.errors import EmbeddingsFormatError
 from storage import ImageRecord, Store
 
@@ -99,6 +98,8 @@ def import_embeddings(store: Store, directory: str | os.PathLike, collection: st
     dims = {vectors.shape[1] for _, vectors, _, _ in tables}
     if len(dims) > 1:
         raise EmbeddingsFormatError(f"shards of {str(directory)!r} have different dimensions {sorted(dims)}")
+    from indexer.encoder import model_identity  # indexer.encoder loads torch, which export does not need
+
     name, recorded = model_identity(model, pretrained)
     existing = {c.name: c for c in store.collections()}.get(collection)
     if existing is not None and existing.dim not in dims:
@@ -158,6 +159,8 @@ def _record(uri: str, row: dict, uri_column: str) -> ImageRecord:
 
 def _describe(uri: str, metadata: dict) -> tuple[str, int, int]:
     """(sha256, width, height) of the file at `uri`, or of the uri text and 1x1 when it cannot be read."""
+    from indexer.encoder import file_sha256
+
     try:
         with PILImage.open(uri) as image:
             width, height = image.size

@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +29,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def _options(model: str | None) -> str:
     if model is None:
         return "Options: --model NAME with --pretrained TAG (cached) or --pretrained PATH (a checkpoint file)"
+    import open_clip
+
     tags = ""
     if model and model in open_clip.list_models():
         tags = f" (tags for {model}: {', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'})"
@@ -59,6 +60,8 @@ def model_identity(model: str | None, pretrained: str | None) -> tuple[str, str]
         if pretrained is not None:
             raise ModelUnavailableError(f"model {model!r} carries its own weights; drop pretrained {pretrained!r}")
         return model, BUNDLED
+    import open_clip
+
     if model not in open_clip.list_models():
         close = difflib.get_close_matches(model, open_clip.list_models(), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -97,9 +100,10 @@ class Encoder:
     """A loaded CLIP model: l2-normalised float32 embeddings of texts and preprocessed image batches."""
 
     def __init__(self, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
-                 model_name: str, pretrained: str, device: torch.device):
+                 model_name: str, pretrained: str, device: torch.device, checkpoint_path: str | None = None):
         self.model_name = model_name  # as open_clip spells it, or the default model's name
         self.pretrained = pretrained  # tag, "sha256:<hex>" of a checkpoint file, "random" or "bundled"
+        self.checkpoint_path = checkpoint_path  # absolute path of the checkpoint file it was loaded from, if any
         self.device = device
         self.preprocess = preprocess  # PIL RGB image -> float tensor (3, H, W); picklable for workers
         self.dtype = next(model.parameters()).dtype  # float16 on CUDA, float32 on CPU
@@ -114,6 +118,8 @@ class Encoder:
              device: str | torch.device | None = None) -> "Encoder":
         """Load `model` with `pretrained` weights (see `model_identity`) on `device` (default: CUDA in
         float16 when present, else CPU in float32). Raises ModelUnavailableError, never a download traceback."""
+        import open_clip
+
         name, recorded = model_identity(model, pretrained)
         device = _auto_device(device)
         precision = "fp16" if device.type == "cuda" else "fp32"
@@ -138,7 +144,8 @@ class Encoder:
             raise ModelUnavailableError(
                 f"cannot load weights for model {model!r} pretrained {pretrained!r}: {reason}. {_options(model)}"
             ) from None
-        return cls(net, preprocess, tokenizer, name, recorded, device)
+        checkpoint_path = os.path.abspath(pretrained) if recorded.startswith("sha256:") else None
+        return cls(net, preprocess, tokenizer, name, recorded, device, checkpoint_path)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts: float32 (n, dim), rows of unit norm."""

@@ -114,7 +114,8 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     check_index_type(options.index_type, encoder.dim)
     report = IndexReport(collection)
     clock = functools.partial(_timed, report.seconds)
-    coll = store.get_or_create_collection(collection, encoder.model_name, encoder.pretrained, encoder.dim)
+    coll = store.get_or_create_collection(collection, encoder.model_name, encoder.pretrained, encoder.dim,
+                                          checkpoint_path=encoder.checkpoint_path)
     with clock("discover"):
         files, report.skipped = discover(paths)
         images = store.images(coll.id)

@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1  # bump together with a new entry in MIGRATIONS
+SCHEMA_VERSION = 2  # bump together with a new entry in MIGRATIONS
 
 metadata = sa.MetaData()
 
@@ -28,6 +28,7 @@ collections = sa.Table(
     sa.Column("dim", sa.Integer, nullable=False),
     sa.Column("embedding_dtype", sa.String(16), nullable=False),  # "float16" or "float32"
     sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("checkpoint_path", sa.Text, nullable=True),  # where a "sha256:" checkpoint was last read (v2)
     sqlite_autoincrement=True,
 )
 
@@ -122,4 +123,9 @@ ranking_items = sa.Table(
 
 # MIGRATIONS[v] upgrades a store at schema version v to v + 1, inside the opening transaction.
 # Released entries are never edited; a fresh store is created at SCHEMA_VERSION directly.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {}
+def _add_checkpoint_path(conn: sa.Connection) -> None:
+    """v2: remember where a collection's checkpoint file is, so the CLI can load it again."""
+    conn.execute(sa.text("ALTER TABLE collections ADD COLUMN checkpoint_path TEXT"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _add_checkpoint_path}

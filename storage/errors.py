@@ -21,6 +21,10 @@ class UnknownCollectionError(ClipbtError, LookupError):
     """No collection has this name or id."""
 
 
+class EmptyCollectionError(ClipbtError, LookupError):
+    """The store has no collection yet, or the collection no live image to search."""
+
+
 class CollectionExistsError(ClipbtError, ValueError):
     """A collection with this name already exists."""
 

@@ -14,6 +14,7 @@ class Collection:
     pretrained: str  # open_clip pretrained tag, or "sha256:<64 hex>" of a checkpoint file
     dim: int  # embedding dimension
     embedding_dtype: str = "float16"  # how embeddings are stored: "float16" or "float32"
+    checkpoint_path: str | None = None  # where the "sha256:" checkpoint file was last read from
 
 
 @dataclass(frozen=True)

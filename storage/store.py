@@ -1,7 +1,9 @@
 """The Store: collections, images, embeddings, users and preferences in one SQL database."""
 
+import dataclasses
 import json
 import math
+import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -214,35 +216,43 @@ class Store:
     # -- collections ---------------------------------------------------------------------------
 
     def create_collection(
-        self, name: str, model: str, pretrained: str, dim: int, embedding_dtype: str = "float16"
+        self, name: str, model: str, pretrained: str, dim: int, embedding_dtype: str = "float16",
+        checkpoint_path: str | None = None,
     ) -> Collection:
-        """Create a collection; CollectionExistsError if the name is taken."""
-        _check_collection_args(name, model, pretrained, dim, embedding_dtype)
+        """Create a collection; CollectionExistsError if the name is taken. `checkpoint_path`:
+        where the checkpoint file of a "sha256:" `pretrained` is (so it can be loaded again)."""
+        _check_collection_args(name, model, pretrained, dim, embedding_dtype, checkpoint_path)
         with self._write() as conn:
             row = conn.execute(sa.select(S.collections).where(S.collections.c.name == name)).first()
             if row is not None:
                 raise CollectionExistsError(
                     f"collection {name!r} already exists: {_collection(row)}"
                 )
-            return self._insert_collection(conn, name, model, pretrained, dim, embedding_dtype)
+            return self._insert_collection(conn, name, model, pretrained, dim, embedding_dtype, checkpoint_path)
 
     def get_or_create_collection(
-        self, name: str, model: str, pretrained: str, dim: int, embedding_dtype: str = "float16"
+        self, name: str, model: str, pretrained: str, dim: int, embedding_dtype: str = "float16",
+        checkpoint_path: str | None = None,
     ) -> Collection:
         """The collection `name`, created if missing. CollectionMismatchError if it exists with
-        another model, pretrained or dim. `embedding_dtype` only applies on creation."""
-        _check_collection_args(name, model, pretrained, dim, embedding_dtype)
+        another model, pretrained or dim. `embedding_dtype` only applies on creation; a new
+        `checkpoint_path` (the same checkpoint, moved) replaces the recorded one."""
+        _check_collection_args(name, model, pretrained, dim, embedding_dtype, checkpoint_path)
         with self._write() as conn:
             row = conn.execute(sa.select(S.collections).where(S.collections.c.name == name)).first()
             if row is None:
-                return self._insert_collection(conn, name, model, pretrained, dim, embedding_dtype)
-        found = _collection(row)
-        if (found.model, found.pretrained, found.dim) != (model, pretrained, dim):
-            raise CollectionMismatchError(
-                f"collection {name!r} holds embeddings of {found.model}/{found.pretrained} "
-                f"(dim {found.dim}), not {model}/{pretrained} (dim {dim}); "
-                "use another collection name"
-            )
+                return self._insert_collection(conn, name, model, pretrained, dim, embedding_dtype, checkpoint_path)
+            found = _collection(row)
+            if (found.model, found.pretrained, found.dim) != (model, pretrained, dim):
+                raise CollectionMismatchError(
+                    f"collection {name!r} holds embeddings of {found.model}/{found.pretrained} "
+                    f"(dim {found.dim}), not {model}/{pretrained} (dim {dim}); "
+                    "use another collection name"
+                )
+            if checkpoint_path is not None and checkpoint_path != found.checkpoint_path:
+                conn.execute(S.collections.update().where(S.collections.c.id == found.id)
+                             .values(checkpoint_path=checkpoint_path))
+                found = dataclasses.replace(found, checkpoint_path=checkpoint_path)
         return found
 
     def collection(self, ref: str | int | Collection) -> Collection:
@@ -256,7 +266,7 @@ class Store:
             rows = conn.execute(sa.select(S.collections).order_by(S.collections.c.id)).all()
         return [_collection(r) for r in rows]
 
-    def _insert_collection(self, conn, name, model, pretrained, dim, embedding_dtype) -> Collection:
+    def _insert_collection(self, conn, name, model, pretrained, dim, embedding_dtype, checkpoint_path) -> Collection:
         cid = conn.execute(
             S.collections.insert()
             .values(
@@ -266,10 +276,11 @@ class Store:
                 dim=dim,
                 embedding_dtype=embedding_dtype,
                 created=_now(),
+                checkpoint_path=checkpoint_path,
             )
             .returning(S.collections.c.id)
         ).scalar_one()
-        return Collection(cid, name, model, pretrained, dim, embedding_dtype)
+        return Collection(cid, name, model, pretrained, dim, embedding_dtype, checkpoint_path)
 
     def _collection(self, conn: sa.Connection, ref: str | int | Collection) -> Collection:
         if isinstance(ref, Collection):
@@ -1049,7 +1060,7 @@ def _check_record(i: int, r: ImageRecord) -> None:
         raise InvalidRecordError(f"record {i} ({r.uri}): metadata is not JSON: {exc}") from exc
 
 
-def _check_collection_args(name, model, pretrained, dim, embedding_dtype) -> None:
+def _check_collection_args(name, model, pretrained, dim, embedding_dtype, checkpoint_path=None) -> None:
     for label, value in (("name", name), ("model", model), ("pretrained", pretrained)):
         if not isinstance(value, str) or not value.strip() or len(value) > 256:
             raise InvalidRecordError(
@@ -1064,6 +1075,12 @@ def _check_collection_args(name, model, pretrained, dim, embedding_dtype) -> Non
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise InvalidRecordError(
             f"embedding_dtype must be float16 or float32, got {embedding_dtype!r}"
+        )
+    if checkpoint_path is not None and not (pretrained.startswith("sha256:") and isinstance(checkpoint_path, str)
+                                            and os.path.isabs(checkpoint_path)):
+        raise InvalidRecordError(
+            f"checkpoint_path must be an absolute path, for a pretrained 'sha256:...' checkpoint; "
+            f"got {checkpoint_path!r} for pretrained {pretrained!r}"
         )
 
 
@@ -1109,7 +1126,7 @@ def _utc(value: datetime) -> datetime:
 
 
 def _collection(row) -> Collection:
-    return Collection(row.id, row.name, row.model, row.pretrained, row.dim, row.embedding_dtype)
+    return Collection(row.id, row.name, row.model, row.pretrained, row.dim, row.embedding_dtype, row.checkpoint_path)
 
 
 def _image(row) -> Image:

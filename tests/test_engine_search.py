@@ -207,6 +207,26 @@ def test_text_is_encoded_once(world):
     assert calls == [["a cat", "a dog"]]
 
 
+def test_caches_smaller_than_the_batch_give_the_same_results(world):
+    """A batch with more texts and users than the caches hold: entries are evicted, never lost mid-batch."""
+    engine, ids, _, _ = world
+    for n, user in enumerate(("w0", "w1", "w2")):
+        for i in range(4):
+            engine.prefer(user, f"text {i}", int(ids[n + 5 * i]), int(ids[59 - n - i]))
+    requests = [SearchRequest(f"text {i}", f"w{i % 3}", 5) for i in range(6)]
+    want = engine.search_many(requests)
+    tiny = Engine(engine.store, engine.collection, encoder=engine.encoder,
+                  config=SearchConfig(text_cache_size=1, query_cache_size=1, user_cache_size=1))
+    for _ in range(2):  # cold, then with whatever the tiny caches kept
+        got = tiny.search_many(requests)
+        assert [[h.id for h in hits] for hits in got] == [[h.id for h in hits] for hits in want]
+        np.testing.assert_allclose([h.score for hits in got for h in hits], [h.score for hits in want for h in hits],
+                                   atol=1e-6)
+    assert len(tiny._texts) == len(tiny._pairs) == len(tiny._adapted) == 1
+    with pytest.raises(SearchInputError, match="user_cache_size must be >= 1, got 0"):
+        SearchConfig(user_cache_size=0)
+
+
 def test_deleted_images_never_come_back(world, encoder):
     engine, ids, vectors, _ = world
     query = engine.encode(["a cat"])[0]

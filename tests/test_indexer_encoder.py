@@ -1,5 +1,7 @@
 """The encoder on a tiny random-weight open_clip model: unit-norm embeddings, model identity, and clear errors when weights cannot be had."""
 
+import os
+
 import huggingface_hub.constants
 import numpy as np
 import pytest
@@ -38,6 +40,7 @@ def test_checkpoint_file_is_recorded_by_content(tmp_path):
     torch.save(tiny_encoder()._model.state_dict(), path)
     loaded = Encoder.load(TEST_MODEL, str(path), "cpu")
     assert loaded.pretrained.startswith("sha256:") and len(loaded.pretrained) == 7 + 64
+    assert loaded.checkpoint_path == os.path.abspath(path) and tiny_encoder().checkpoint_path is None
     assert model_identity(TEST_MODEL, str(path)) == (TEST_MODEL, loaded.pretrained)
     np.testing.assert_allclose(loaded.encode_text(["x"]), tiny_encoder().encode_text(["x"]), atol=1e-6)
 

@@ -119,6 +119,22 @@ def test_collections(store):
         store.create_collection("x", "ViT-B-32", "openai", 0)
 
 
+def test_a_checkpoint_path_is_recorded_and_follows_the_file(store):
+    checkpoint = "sha256:" + sha("weights")
+    art = store.get_or_create_collection("art", "ViT-L-14", checkpoint, 768, checkpoint_path="/models/a.pt")
+    assert art.checkpoint_path == "/models/a.pt" == store.collection("art").checkpoint_path
+    assert store.get_or_create_collection("art", "ViT-L-14", checkpoint, 768) == art  # no path: kept
+    moved = store.get_or_create_collection("art", "ViT-L-14", checkpoint, 768, checkpoint_path="/new/a.pt")
+    assert moved.checkpoint_path == "/new/a.pt" == store.collection("art").checkpoint_path
+    with pytest.raises(CollectionMismatchError):  # another checkpoint: refused, and the path is untouched
+        store.get_or_create_collection("art", "ViT-L-14", "sha256:" + sha("other"), 768, checkpoint_path="/b.pt")
+    assert store.collection("art").checkpoint_path == "/new/a.pt"
+    with pytest.raises(InvalidRecordError, match="checkpoint_path must be an absolute path.*got 'a.pt'"):
+        store.create_collection("x", "ViT-L-14", checkpoint, 768, checkpoint_path="a.pt")
+    with pytest.raises(InvalidRecordError, match="got '/a.pt' for pretrained 'openai'"):
+        store.create_collection("x", "ViT-L-14", "openai", 768, checkpoint_path="/a.pt")
+
+
 # -- images and embeddings --------------------------------------------------------------------
 
 

@@ -197,6 +197,7 @@ def test_v1_store_opens_with_everything_intact(isolated_home):
         photos, art = store.collections()
         assert (photos.name, photos.dim, photos.embedding_dtype) == ("photos", 4, "float16")
         assert art.pretrained.startswith("sha256:be4e4dc1") and art.embedding_dtype == "float32"
+        assert photos.checkpoint_path is None and art.checkpoint_path is None  # v2's column, empty
         images = store.images(photos.id, include_deleted=True)
         assert [(i.id, i.uri, i.deleted) for i in images] == [
             (1, "/data/photos/0.jpg", False),
@@ -247,8 +248,11 @@ def test_upgraded_v1_schema_equals_a_fresh_one(isolated_home, tmp_path):
             assert shape(upgraded._engine) == shape(fresh._engine)
 
 
+CURRENT = _schema.SCHEMA_VERSION
+
+
 def _patch_migrations(monkeypatch, fail_at=None):
-    """Pretend the code is at schema 3, with two migrations after version 1."""
+    """Pretend the code is two schema versions ahead, with two more migrations."""
 
     def add_rating(conn):
         conn.execute(sa.text("ALTER TABLE images ADD COLUMN rating INTEGER"))
@@ -258,8 +262,8 @@ def _patch_migrations(monkeypatch, fail_at=None):
             raise RuntimeError("migration 2 failed")
         conn.execute(sa.text("CREATE INDEX ix_images_rating ON images (rating)"))
 
-    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(_schema, "MIGRATIONS", {1: add_rating, 2: add_index})
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", CURRENT + 2)
+    monkeypatch.setattr(_schema, "MIGRATIONS", {**_schema.MIGRATIONS, CURRENT: add_rating, CURRENT + 1: add_index})
 
 
 def test_migrations_upgrade_in_one_transaction(store_url, monkeypatch):
@@ -270,17 +274,17 @@ def test_migrations_upgrade_in_one_transaction(store_url, monkeypatch):
         _patch_migrations(patch, fail_at=2)
         with pytest.raises(RuntimeError, match="migration 2 failed"):
             Store.open(store_url)
-    with Store.open(store_url) as store:  # rolled back: still a good version 1 store
-        assert store.schema_version == 1
+    with Store.open(store_url) as store:  # rolled back: still a good store at the current version
+        assert store.schema_version == CURRENT
         assert "rating" not in [c["name"] for c in sa.inspect(store._engine).get_columns("images")]
     _patch_migrations(monkeypatch)
     with Store.open(store_url) as store:
-        assert store.schema_version == 3
+        assert store.schema_version == CURRENT + 2
         assert "rating" in [c["name"] for c in sa.inspect(store._engine).get_columns("images")]
         assert [i.id for i in store.images(coll.id)] == ids
         assert len(store.pairs("ann")) == 1
     with Store.open(store_url) as store:  # migrations run once
-        assert store.schema_version == 3
+        assert store.schema_version == CURRENT + 2
 
 
 def test_a_newer_store_is_refused(store_url):
@@ -290,6 +294,6 @@ def test_a_newer_store_is_refused(store_url):
                 sa.text("UPDATE clipbt_meta SET value = '99' WHERE key = 'schema_version'")
             )
     with pytest.raises(
-        SchemaVersionError, match="schema version 99, newer than this clipbt understands \\(1\\)"
+        SchemaVersionError, match=f"schema version 99, newer than this clipbt understands \\({CURRENT}\\)"
     ):
         Store.open(store_url)
