@@ -1,9 +1,10 @@
 """clipbt's engine: Bradley-Terry query adaptation, personalized search and preference ranking."""
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {  # module -> the names imported from it on first use (engine.bt loads torch)
-    "engine.bt": (
+# The public names, each imported from its module on first use (engine.bt and engine.search load torch).
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "bt": (
         "AdaptConfig",
         "AdaptationInputError",
         "adapt",
@@ -19,18 +20,6 @@ _EXPORTS = {  # module -> the names imported from it on first use (engine.bt loa
         "rocchio",
         "similarity",
     ),
-    "engine.ranking": ("RankConfig", "rank_candidates"),
-    "engine.search": ("Engine", "Hit", "SearchConfig", "SearchRequest"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    """Import a public name from its module when it is first asked for (PEP 562)."""
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
+    "ranking": ("RankConfig", "rank_candidates"),
+    "search": ("Engine", "Hit", "SearchConfig", "SearchRequest"),
+})

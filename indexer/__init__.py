@@ -1,30 +1,19 @@
 """Indexing: the CLIP encoder, safe image decoding, the ingestion pipeline, FAISS indexes, clip-retrieval import/export."""
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {  # module -> the names imported from it on first use (the encoder and pipeline load torch)
-    "indexer.embeddings_io": ("ImportReport", "export_embeddings", "import_embeddings"),
-    "indexer.encoder": ("Encoder",),
-    "indexer.errors": (
+# The public names, each imported from its module on first use (the encoder and the pipeline load torch).
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "embeddings_io": ("ImportReport", "export_embeddings", "import_embeddings"),
+    "encoder": ("Encoder",),
+    "errors": (
         "EmbeddingsFormatError",
         "FaissUnavailableError",
         "IndexTypeError",
         "ModelUnavailableError",
         "PathNotFoundError",
     ),
-    "indexer.faiss_index": ("build_index", "require_faiss", "search"),
-    "indexer.images": ("Skip",),
-    "indexer.pipeline": ("IndexOptions", "IndexReport", "SearchIndex", "index_paths", "open_index"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    """Import a public name from its module when it is first asked for (PEP 562)."""
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
+    "faiss_index": ("build_index", "require_faiss", "search"),
+    "images": ("Skip",),
+    "pipeline": ("IndexOptions", "IndexReport", "SearchIndex", "index_paths", "open_index"),
+})
