@@ -376,12 +376,12 @@ class PairSet:
         """Check the pairs as `adapt` does (finite, non-zero, aligned) and precompute D and D D^T."""
         if np.ndim(preferred) != 2:
             raise AdaptationInputError(f"preferred must have shape (P, d), got {tuple(np.shape(preferred))}")
-        p, r = _aligned_pairs(preferred, rejected, torch.empty(np.shape(preferred)[1]))
-        diffs = (p - r).numpy()
-        if diffs.shape[0] > diffs.shape[1]:
-            return cls(diffs, None)
-        wide = diffs.astype(np.float64)
-        with one_blas_thread():
+        with one_torch_thread(), one_blas_thread():  # small products: no thread pool woken to spin
+            p, r = _aligned_pairs(preferred, rejected, torch.empty(np.shape(preferred)[1]))
+            diffs = (p - r).numpy()
+            if diffs.shape[0] > diffs.shape[1]:
+                return cls(diffs, None)
+            wide = diffs.astype(np.float64)
             return cls(diffs, wide @ wide.T)
 
     def __len__(self) -> int:

@@ -142,7 +142,8 @@ class _UserPairs:
 class Engine:
     """Joins a store, an encoder and a FAISS index into the query path of one collection.
 
-    The encoder and the index are loaded on first use, so preference commands stay fast.
+    The encoder and the index are loaded on first use. Its caches are plain dicts: use one Engine
+    per thread.
     """
 
     def __init__(self, store: Store, collection: Collection, encoder=None, index=None,

@@ -187,7 +187,7 @@ def _refresh_index(store: Store, coll: Collection, index_type: str, added: np.nd
         before = dataclasses.replace(expected, live_ids=np.setdiff1d(expected.live_ids, added))
         index = vectors.load_index(before)
         if index is not None:
-            exact = plan_index(index_type, index.ntotal, coll.dim) == "Flat"
+            exact = plan_index(index_type, index.ntotal, coll.dim) in ("Flat", "SQfp16")  # no training: extending = rebuilding
             small = max(1.0, _REUSE_LIMIT * index.ntotal)
             if vectors.deleted_in_index <= small and (exact or added.size <= small):
                 if added.size:

@@ -76,3 +76,16 @@ def test_export_then_import_through_the_cli(tmp_path):
         "collection": "copy", "imported": 3, "unchanged": 0, "rejected": []}
     result = run(home, "export-embeddings", str(tmp_path / "out"))
     assert result.exit_code == 1 and "already holds img_emb shards" in result.stderr
+
+
+def test_flat16_index_answers_as_flat(tmp_path):
+    make_images(tmp_path / "photos", 12)
+    answers = {}
+    for index_type in ("flat", "flat16"):
+        home = tmp_path / index_type
+        assert run(home, "index", str(tmp_path / "photos"), *MODEL, "--index-type", index_type).exit_code == 0
+        assert json.loads(run(home, "info", "--json").stdout)["index_type"] == index_type
+        answers[index_type] = json.loads(run(home, "search", "a photo", "-k", "5", "--json").stdout)
+    assert [h["id"] for h in answers["flat16"]] == [h["id"] for h in answers["flat"]]
+    for a, b in zip(answers["flat16"], answers["flat"], strict=True):
+        assert abs(a["similarity"] - b["similarity"]) < 1e-5

@@ -54,9 +54,12 @@ def place(index, where):
 
 @pytest.mark.parametrize("where", PLACES)
 @pytest.mark.parametrize("exclude", [(), (100, 107, 114, 121)])
-def test_flat_equals_brute_force(data, where, exclude):
+@pytest.mark.parametrize("index_type", ["flat", "flat16"])
+def test_exact_types_equal_brute_force(data, where, exclude, index_type):
     ids, base, queries = data
-    index = place(build_index(ids, base), where)
+    if index_type == "flat16":
+        base = base.astype(np.float16).astype(np.float32)  # as the store keeps embeddings by default
+    index = place(build_index(ids, base, index_type), where)
     exclude = set(exclude) | set(ids[np.argmax(queries @ base.T, axis=1)].tolist())  # drop every true top-1
     scores, got = search(index, queries, 10, exclude)
     want_scores, _ = brute_force(ids, base, queries, 10, exclude)
@@ -80,6 +83,7 @@ def test_approximate_recall_at_10(data, where, index_type):
 
 def test_plans_follow_the_collection_size():
     assert plan_index("flat", 10**6, 768) == "Flat"
+    assert plan_index("flat16", 10**6, 768) == "SQfp16"
     assert plan_index("ivf", 10**6, 768) == "IVF4000,Flat"
     assert plan_index("ivfpq", 10**6, 768) == "IVF4000,PQ64x8np"
     assert plan_index("ivfpq", 3000, 32) == "IVF76,PQ16x6np"  # 76 lists: 39+ points each; 6 bits: 2^6*39 <= 3000
@@ -97,7 +101,7 @@ def test_short_results_are_padded_and_empty_index_searches(data):
 
 def test_bad_index_type_names_itself(data):
     ids, base, _ = data
-    with pytest.raises(IndexTypeError, match=r"index type 'IVF-lots' is neither one of flat, ivf, ivfpq, hnsw"):
+    with pytest.raises(IndexTypeError, match=r"index type 'IVF-lots' is neither one of flat, flat16, ivf, ivfpq, hnsw"):
         build_index(ids, base, "IVF-lots")
 
 
