@@ -4,7 +4,8 @@
     python benchmarks/bench_query.py --size S     # 10,000 x 512, a quick check
 
 Setup: a SQLite store in a temporary folder with n seeded random unit embeddings (dim 512), a flat
-FAISS index, the random-weight ViT-B-32 text tower as encoder (its speed is real; query texts are
+FAISS index saved beside it and opened by the engine as `clipbt search` opens it (so every search
+also checks that the collection's images have not changed), the random-weight ViT-B-32 text tower as encoder (its speed is real; query texts are
 cached after their first use, as in the product), and `users` users with `pairs` preference pairs
 each, recorded under a handful of query texts.
 
@@ -35,7 +36,6 @@ from engine.bt import AdaptConfig
 from engine.search import Engine, SearchConfig, SearchRequest
 from indexer.encoder import Encoder
 from indexer.faiss_index import build_index
-from indexer.pipeline import SearchIndex
 from machine import describe  # benchmarks/machine.py
 from storage import ImageRecord, Store, StoreConfig
 
@@ -63,8 +63,8 @@ def build(folder: Path, n: int, users: int, pairs: int, seed: int):
         for _ in range(pairs):
             a, b = rng.choice(ids, 2, replace=False)
             store.add_pair(f"user{u:03d}", TEXTS[rng.integers(0, 8)], int(a), int(b))
-    index = SearchIndex(coll, build_index(ids, vectors, "flat"), np.zeros(0, dtype=np.int64))
-    return store, coll, index
+    store.vector_store(coll).save_index(build_index(ids, vectors, "flat"), {"index_type": "flat"})
+    return store, coll  # the engine loads the saved index as `clipbt search` does, and checks it per search
 
 
 def timed(fn, before=None) -> float:
@@ -90,9 +90,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        store, coll, index = build(Path(tmp), n, args.batch, args.pairs, seed=0)
+        store, coll = build(Path(tmp), n, args.batch, args.pairs, seed=0)
         encoder = Encoder.load("ViT-B-32", "random", device="cpu")
-        engine = Engine(store, coll, encoder=encoder, index=index, config=config)
+        engine = Engine(store, coll, encoder=encoder, config=config)
         print(f"setup: {n} x {DIM} flat, {args.batch} users x {args.pairs} pairs, {time.perf_counter() - t0:.0f}s")
 
         text, user = TEXTS[0], "user000"

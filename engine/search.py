@@ -153,6 +153,8 @@ class Engine:
         self.config = config
         self._encoder = encoder
         self._index = index
+        self._index_given = index is not None  # a caller's index is theirs to keep current
+        self._index_version: int | None = None  # the collection's content version when the index was loaded
         self._texts = _LRU(config.text_cache_size)  # text -> (d,) float32 embedding
         self._adapted = _LRU(config.query_cache_size)  # (user, version, query key, settings) -> (x', w)
         self._pairs = _LRU(config.user_cache_size)  # user -> _UserPairs of their latest seen version
@@ -178,11 +180,15 @@ class Engine:
 
     @property
     def index(self):
-        """The collection's FAISS index (`indexer.pipeline.SearchIndex`), loaded on first use."""
-        if self._index is None:
+        """The collection's FAISS index (`indexer.pipeline.SearchIndex`), loaded on first use and
+        again once images have been added or deleted since (by any process: one cheap SELECT)."""
+        if self._index_given:
+            return self._index
+        version = self.store.content_version(self.collection.id)
+        if self._index is None or version != self._index_version:
             from indexer.pipeline import open_index
 
-            self._index = open_index(self.store, self.collection)
+            self._index, self._index_version = open_index(self.store, self.collection), version
         return self._index
 
     # -- query embeddings --------------------------------------------------------------------

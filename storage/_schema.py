@@ -29,6 +29,7 @@ collections = sa.Table(
     sa.Column("embedding_dtype", sa.String(16), nullable=False),  # "float16" or "float32"
     sa.Column("created", sa.DateTime(timezone=True), nullable=False),
     sa.Column("checkpoint_path", sa.Text, nullable=True),  # where a "sha256:" checkpoint was last read (v2)
+    sa.Column("content_version", sa.Integer, nullable=False, server_default="0"),  # +1 when images come or go (v2)
     sqlite_autoincrement=True,
 )
 
@@ -123,9 +124,11 @@ ranking_items = sa.Table(
 
 # MIGRATIONS[v] upgrades a store at schema version v to v + 1, inside the opening transaction.
 # Released entries are never edited; a fresh store is created at SCHEMA_VERSION directly.
-def _add_checkpoint_path(conn: sa.Connection) -> None:
-    """v2: remember where a collection's checkpoint file is, so the CLI can load it again."""
+def _to_v2(conn: sa.Connection) -> None:
+    """v2: where a collection's checkpoint file is (so the CLI can load it again), and a counter
+    of image changes (so a long-running searcher knows when to reload its index)."""
     conn.execute(sa.text("ALTER TABLE collections ADD COLUMN checkpoint_path TEXT"))
+    conn.execute(sa.text("ALTER TABLE collections ADD COLUMN content_version INTEGER NOT NULL DEFAULT 0"))
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _add_checkpoint_path}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _to_v2}

@@ -370,6 +370,7 @@ class Store:
                 S.embeddings.insert(),
                 [{"image_id": i, "data": blob} for i, blob in zip(ids, blobs, strict=True)],
             )
+            _bump_content(conn, [coll.id])
         return ids
 
     def images(
@@ -439,19 +440,25 @@ class Store:
         """
         ids = sorted({_image_id(i) for i in image_ids})
         marked = 0
+        touched: set[int] = set()
         with self._write() as conn:
             for chunk in _chunks(ids):
-                found = set(
-                    conn.execute(sa.select(S.images.c.id).where(S.images.c.id.in_(chunk))).scalars()
-                )
-                missing = [i for i in chunk if i not in found]
+                rows = conn.execute(
+                    sa.select(S.images.c.id, S.images.c.collection_id, S.images.c.deleted).where(
+                        S.images.c.id.in_(chunk)
+                    )
+                ).all()
+                missing = sorted(set(chunk) - {r.id for r in rows})
                 if missing:
                     raise UnknownImageError(f"unknown image ids {missing[:10]}")
-                marked += conn.execute(
-                    S.images.update()
-                    .where(S.images.c.id.in_(chunk), S.images.c.deleted == sa.false())
-                    .values(deleted=True)
-                ).rowcount
+                live = [r for r in rows if not r.deleted]
+                if live:
+                    marked += conn.execute(
+                        S.images.update().where(S.images.c.id.in_([r.id for r in live])).values(deleted=True)
+                    ).rowcount
+                    touched.update(r.collection_id for r in live)
+            if touched:
+                _bump_content(conn, sorted(touched))
         return marked
 
     def image_ids(self, collection_id: int | str | Collection) -> np.ndarray:
@@ -864,23 +871,34 @@ class Store:
         names = sorted(set(users))
         if not names:
             return {}
-        # This runs on every personalised search, so it goes straight to the driver: a pooled
-        # SQLAlchemy connection costs ~150 us more per call. Each SELECT is atomic on its own.
         found = {}
+        for chunk in _chunks(names):
+            rows = self._fetch_direct(
+                f"SELECT name, id, pref_version FROM users WHERE name IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update((name, (uid << 32) | count) for name, uid, count in rows)
+        return {name: found.get(name) for name in names}
+
+    def content_version(self, collection_id: int) -> int:
+        """An opaque number that changes whenever images are added to or deleted from the
+        collection, by any process (the cache key of a loaded index)."""
+        rows = self._fetch_direct("SELECT content_version FROM collections WHERE id = ?", [int(collection_id)])
+        if not rows:
+            raise UnknownCollectionError(f"unknown collection id {collection_id}")
+        return rows[0][0]
+
+    def _fetch_direct(self, sql: str, params: Sequence) -> list[tuple]:
+        """The rows of one SELECT ("?" placeholders) sent straight to the driver. For the checks
+        made on every search: a pooled SQLAlchemy connection costs ~150 us more per call. One
+        SELECT is atomic on its own."""
         conn = self._engine.raw_connection()
         try:
             cursor = conn.cursor()
-            for chunk in _chunks(names):
-                if self._sqlite:
-                    where, params = f"IN ({', '.join('?' * len(chunk))})", chunk
-                else:
-                    where, params = "= ANY(%s)", (chunk,)
-                cursor.execute(f"SELECT name, id, pref_version FROM users WHERE name {where}", params)
-                found.update((name, (uid << 32) | count) for name, uid, count in cursor.fetchall())
+            cursor.execute(sql if self._sqlite else sql.replace("?", "%s"), tuple(params))
+            rows = cursor.fetchall()
             cursor.close()
+            return rows
         finally:
             conn.close()
-        return {name: found.get(name) for name in names}
 
     # -- vector store and checks ---------------------------------------------------------------
 
@@ -1007,6 +1025,14 @@ def _one_collection(conn: sa.Connection, image_ids: list[int]) -> int:
                 f"collection {first.collection_id}: a preference compares images of one collection"
             )
     return first.collection_id
+
+
+def _bump_content(conn: sa.Connection, collection_ids: list[int]) -> None:
+    conn.execute(
+        S.collections.update()
+        .where(S.collections.c.id.in_(collection_ids))
+        .values(content_version=S.collections.c.content_version + 1)
+    )
 
 
 def _bump(conn: sa.Connection, uid: int) -> None:

@@ -194,6 +194,20 @@ def test_a_preference_recorded_elsewhere_invalidates_by_version(world, encoder):
     assert len([k for k in engine._adapted if k[0] == "dan"]) == 1
 
 
+def test_a_long_running_engine_sees_images_added_and_deleted_elsewhere(world):
+    engine, ids, vectors, _ = world
+    query = vectors[7]
+    assert engine.search(vector=query, k=1)[0].id == ids[7]
+    with Store.open(engine.store.url) as other:  # another process, in effect
+        [new] = other.add_images(engine.collection.id, [ImageRecord("/img/new.png", "f" * 64, 32, 32)], query[None])
+        assert {h.id for h in engine.search(vector=query, k=2)} == {new, int(ids[7])}  # a tie with image 7
+        other.mark_deleted([new, int(ids[7])])
+        assert {h.id for h in engine.search(vector=query, k=5)}.isdisjoint({new, int(ids[7])})
+    given = Engine(engine.store, engine.collection, encoder=engine.encoder, index=engine.index)
+    engine.store.mark_deleted([int(ids[8])])
+    assert given.index is engine._index  # a caller's index is never swapped
+
+
 def test_text_is_encoded_once(world):
     engine, _, _, _ = world
     calls = []

@@ -227,6 +227,25 @@ def test_find_image(store, tmp_path):
         store.image(999)
 
 
+def test_content_version_changes_with_the_images_only(store):
+    coll, ids, _ = add_photos(store)
+    other, _, _ = add_photos(store, n=2, name="other")
+    seen = [store.content_version(coll.id)]
+    store.add_pair("ann", "cat", ids[0], ids[1])  # preferences are not content
+    assert store.content_version(coll.id) == seen[-1]
+    store.mark_deleted([ids[2]])
+    seen.append(store.content_version(coll.id))
+    store.mark_deleted([ids[2]])  # already deleted: nothing changes
+    assert store.content_version(coll.id) == seen[-1]
+    add_photos(store, n=1, seed=1, name="photos_extra")
+    store.add_images(coll.id, [ImageRecord("/data/new.jpg", sha("new"), 1, 1)], np.zeros((1, 8)))
+    seen.append(store.content_version(coll.id))
+    assert len(set(seen)) == 3
+    assert store.content_version(other.id) == store.content_version(other.id)
+    with pytest.raises(UnknownCollectionError, match="unknown collection id 999"):
+        store.content_version(999)
+
+
 def test_mark_deleted(store):
     coll, ids, vectors = add_photos(store)
     assert store.mark_deleted([ids[1], ids[4]]) == 2
