@@ -1,7 +1,7 @@
 """Bradley-Terry query adaptation (Gallego 2023, eqs. 1-4), its baselines and Plackett-Luce.
 
 Every function takes numpy arrays or torch tensors (CPU or CUDA) and returns the same kind it
-was given. Shapes: a query `x` is (d,); image embeddings are (N, d); preference pairs are two
+was given, except the span form for serving (`PairSet`, `adapt_many`), which is numpy. Shapes: a query `x` is (d,); image embeddings are (N, d); preference pairs are two
 aligned (N, d) arrays, row i of `preferred` beating row i of `rejected`.
 
 Inputs are checked once at the boundary: NaN/inf, zero image vectors, mismatched dimensions and
