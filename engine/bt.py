@@ -10,6 +10,7 @@ is a documented no-op (the query comes back unchanged), never a NaN.
 """
 
 import functools
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,16 +39,23 @@ class AdaptConfig:
     normalize: bool = False  # project x back onto the unit sphere after every step
 
 
+# Thread counts are process-wide: each lock keeps one thread's limit-and-restore from
+# interleaving with another's (which could leave the limit in place for good).
+_torch_threads_lock = threading.RLock()
+_blas_threads_lock = threading.RLock()
+
+
 @contextmanager
 def one_torch_thread():
     """Run a block with torch on one CPU thread: the BT steps are many small tensor operations,
     where more threads cost more than they save and compete with FAISS's own threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    with _torch_threads_lock:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 @functools.cache
@@ -61,7 +69,7 @@ def one_blas_thread():
     threaded OpenBLAS keeps its threads spinning for a while after each call, starving FAISS's
     threads: on 2 cores a plain 100k query took 39 ms instead of 17 right after one threaded
     (50, 512) Gram product (benchmarks/bench_query.py setup)."""
-    with _thread_pools().limit(limits=1, user_api="blas"):
+    with _blas_threads_lock, _thread_pools().limit(limits=1, user_api="blas"):
         yield
 
 

@@ -156,6 +156,29 @@ def test_one_blas_thread_limits_numpy_and_restores():
     assert numpy_blas() == before
 
 
+def test_threads_adapting_at_once_leave_the_thread_counts_as_they_were():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = (blas_threads(), torch.get_num_threads())
+    rng = np.random.default_rng(15)
+    x, p, r = unit_rows(rng, 8, 16), unit_rows(rng, 5, 16), unit_rows(rng, 5, 16)
+    want = bt.adapt_many(x, [bt.PairSet.of(p, r)] * 8, [None] * 8)
+
+    def work(_):
+        return [bt.adapt_many(x, [bt.PairSet.of(p, r)] * 8, [None] * 8) for _ in range(50)]
+
+    with ThreadPoolExecutor(4) as pool:
+        for results in pool.map(work, range(8)):
+            for got in results:
+                np.testing.assert_array_equal(got, want)
+    assert (blas_threads(), torch.get_num_threads()) == before
+
+
 def test_span_form_keeps_the_gram_of_its_differences():
     rng = np.random.default_rng(8)
     p, r = unit_rows(rng, 6, 10), unit_rows(rng, 6, 10)
