@@ -412,7 +412,8 @@ def adapt_many(queries: np.ndarray, pair_sets, weights, lr: float = 0.5, steps: 
     queries: (B, d); pair_sets: B PairSets, or None for a query without pairs (it comes back
     unchanged); weights: B arrays (P_b,) >= 0, or None for all ones. device: None for the span
     form in numpy; a torch device ("cuda") stacks the differences there and takes the padded
-    batched steps of `adapt_batched` instead (a few large kernels beat many small ones on a GPU).
+    batched steps of `adapt_batched` instead (a few large kernels rather than many small ones;
+    not yet measured on a GPU).
     Returns (B, d) float32.
     """
     _check_hyper(lr, steps, beta)
