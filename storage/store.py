@@ -1,6 +1,7 @@
 """The Store: collections, images, embeddings, users and preferences in one SQL database."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -737,32 +738,12 @@ class Store:
         """Every preference pair of `user`, oldest first: stored pairs (with their id) and the
         pairs implied by rankings and feedback (id None, ranking_id set, weight 1 each)."""
         with self._read() as conn:
-            uid = self._user_id(conn, user, create=False)
-            cid = None if collection_id is None else self._collection(conn, collection_id).id
-            stored = sa.select(S.pairs).where(S.pairs.c.user_id == uid).order_by(S.pairs.c.id)
-            a, b = S.ranking_items.alias("a"), S.ranking_items.alias("b")
-            r = S.rankings
-            implied = (
-                sa.select(
-                    r.c.id,
-                    r.c.collection_id,
-                    r.c.query,
-                    r.c.source,
-                    r.c.created,
-                    a.c.image_id.label("preferred_id"),
-                    b.c.image_id.label("rejected_id"),
-                )
-                .join(a, a.c.ranking_id == r.c.id)
-                .join(b, sa.and_(b.c.ranking_id == r.c.id, a.c.tier < b.c.tier))
-                .where(r.c.user_id == uid)
-                .order_by(r.c.id, a.c.position, b.c.position)
-            )
-            if cid is not None:
-                stored = stored.where(S.pairs.c.collection_id == cid)
-                implied = implied.where(r.c.collection_id == cid)
+            params = {"uid": self._user_id(conn, user, create=False)}
+            if collection_id is not None:
+                params["cid"] = self._collection(conn, collection_id).id
             if query is not None:
-                stored = stored.where(S.pairs.c.query == query.strip())
-                implied = implied.where(r.c.query == query.strip())
+                params["query"] = query.strip()
+            stored, implied = _pair_selects("cid" in params, "query" in params)
             out = [
                 PreferencePair(
                     p.id,
@@ -775,7 +756,7 @@ class Store:
                     _utc(p.created),
                     p.collection_id,
                 )
-                for p in conn.execute(stored)
+                for p in conn.execute(stored, params)
             ]
             out += [
                 PreferencePair(
@@ -790,7 +771,7 @@ class Store:
                     p.collection_id,
                     ranking_id=p.id,
                 )
-                for p in conn.execute(implied)
+                for p in conn.execute(implied, params)
             ]
         return sorted(out, key=lambda p: p.created)
 
@@ -1025,6 +1006,37 @@ def _one_collection(conn: sa.Connection, image_ids: list[int]) -> int:
                 f"collection {first.collection_id}: a preference compares images of one collection"
             )
     return first.collection_id
+
+
+@functools.cache
+def _pair_selects(by_collection: bool, by_query: bool) -> tuple[sa.Select, sa.Select]:
+    """`Store.pairs`' two SELECTs (stored pairs; pairs implied by rankings) with bound :uid, :cid
+    and :query, built once per filter combination: building them anew took most of its time."""
+    stored = sa.select(S.pairs).where(S.pairs.c.user_id == sa.bindparam("uid")).order_by(S.pairs.c.id)
+    a, b = S.ranking_items.alias("a"), S.ranking_items.alias("b")
+    r = S.rankings
+    implied = (
+        sa.select(
+            r.c.id,
+            r.c.collection_id,
+            r.c.query,
+            r.c.source,
+            r.c.created,
+            a.c.image_id.label("preferred_id"),
+            b.c.image_id.label("rejected_id"),
+        )
+        .join(a, a.c.ranking_id == r.c.id)
+        .join(b, sa.and_(b.c.ranking_id == r.c.id, a.c.tier < b.c.tier))
+        .where(r.c.user_id == sa.bindparam("uid"))
+        .order_by(r.c.id, a.c.position, b.c.position)
+    )
+    if by_collection:
+        stored = stored.where(S.pairs.c.collection_id == sa.bindparam("cid"))
+        implied = implied.where(r.c.collection_id == sa.bindparam("cid"))
+    if by_query:
+        stored = stored.where(S.pairs.c.query == sa.bindparam("query"))
+        implied = implied.where(r.c.query == sa.bindparam("query"))
+    return stored, implied
 
 
 def _bump_content(conn: sa.Connection, collection_ids: list[int]) -> None:
