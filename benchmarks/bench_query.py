@@ -5,9 +5,10 @@
 
 Setup: a SQLite store in a temporary folder with n seeded random unit embeddings (dim 512), a flat
 FAISS index saved beside it and opened by the engine as `clipbt search` opens it (so every search
-also checks that the collection's images have not changed), the random-weight ViT-B-32 text tower as encoder (its speed is real; query texts are
-cached after their first use, as in the product), and `users` users with `pairs` preference pairs
-each, recorded under a handful of query texts.
+also checks that the collection's images have not changed), the random-weight ViT-B-32 text
+tower as encoder (its speed is real; query texts are cached after their first use, as in the
+product), and `users` users with `pairs` preference pairs each, recorded under a handful of
+query texts.
 
 Timed (interleaved, median of `--reps`):
   plain        Engine.search(text) without a user

@@ -1,8 +1,9 @@
 """Bradley-Terry query adaptation (Gallego 2023, eqs. 1-4), its baselines and Plackett-Luce.
 
 Every function takes numpy arrays or torch tensors (CPU or CUDA) and returns the same kind it
-was given, except the span form for serving (`PairSet`, `adapt_many`), which is numpy. Shapes: a query `x` is (d,); image embeddings are (N, d); preference pairs are two
-aligned (N, d) arrays, row i of `preferred` beating row i of `rejected`.
+was given, except the span form for serving (`PairSet`, `adapt_many`), which is numpy. Shapes:
+a query `x` is (d,); image embeddings are (N, d); preference pairs are two aligned (N, d)
+arrays, row i of `preferred` beating row i of `rejected`.
 
 Inputs are checked once at the boundary: NaN/inf, zero image vectors, mismatched dimensions and
 bad hyper-parameters raise `AdaptationInputError` naming the argument and row. An empty pair set
@@ -506,11 +507,11 @@ def _descend_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.n
         scale[row, :m] = w * (lr * beta / m)
     u = np.ones((u_count, 1))
     a = np.zeros((u_count, n))
+    x0_sq = np.einsum("ud,ud->u", q, q, dtype=np.float64)[:, None] if normalize else None  # ||x_0||^2
     for _ in range(steps):
         margins = u * at_x0 + np.matmul(gram, a[:, :, None])[:, :, 0]  # D x_t
         a += scale * logistic(-beta * margins)  # x <- x - lr * grad (eq. 4): sigmoid(-m) = 1 - p
         if normalize:
-            x0_sq = np.einsum("ud,ud->u", q, q, dtype=np.float64)[:, None]
             norm_sq = u * u * x0_sq + 2 * u * (a * at_x0).sum(1, keepdims=True) + np.einsum(
                 "un,unm,um->u", a, gram, a)[:, None]
             norm = np.sqrt(np.maximum(norm_sq, np.finfo(np.float64).tiny))

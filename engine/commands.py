@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from engine.preferences import (
+    check_has_collection,
     collection_info,
     export_preferences,
     import_preferences,
@@ -18,7 +19,6 @@ from engine.preferences import (
 )
 from indexer.cli import DeferredOptions
 from storage import Store
-from storage.errors import EmptyCollectionError
 
 collection_option = click.option("--collection", "-c", default="default", show_default=True,
                                  help="Collection to use.")
@@ -35,10 +35,9 @@ def _store(obj):
 
 @contextmanager
 def _indexed_store(obj):
-    """The store once it holds a collection; else EmptyCollectionError, as `Engine.open` raises it."""
+    """The store once it holds a collection (`check_has_collection`, as in `Engine.open`)."""
     with _store(obj) as store:
-        if not store.collections():
-            raise EmptyCollectionError("no collection yet: add images with `clipbt index PATH`")
+        check_has_collection(store)
         yield store
 
 

@@ -4,11 +4,17 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 
 from storage import Collection, Store
-from storage.errors import ClipbtError
+from storage.errors import ClipbtError, EmptyCollectionError
 
 
 class PreferenceRecordError(ClipbtError, ValueError):
     """A line of a preferences file is not a valid pair, ranking or feedback record."""
+
+
+def check_has_collection(store: Store) -> None:
+    """EmptyCollectionError unless the store holds a collection (nothing was indexed yet)."""
+    if not store.collections():
+        raise EmptyCollectionError("no collection yet: add images with `clipbt index PATH`")
 
 
 def _image_ids(store: Store, collection: str | int | Collection, refs: Iterable[int | str]) -> list[int]:

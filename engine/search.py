@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.bt import AdaptConfig, PairSet, adapt_many
-from engine.preferences import record_feedback, record_pair, record_ranking
+from engine.preferences import check_has_collection, record_feedback, record_pair, record_ranking
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
 from storage.errors import ClipbtError, CollectionMismatchError, EmptyCollectionError
@@ -165,8 +165,7 @@ class Engine:
     def open(cls, store: Store, collection: str = "default", config: SearchConfig = SearchConfig(),
              encoder=None) -> "Engine":
         """The engine of a stored collection; EmptyCollectionError when the store has none yet."""
-        if not store.collections():
-            raise EmptyCollectionError("no collection yet: add images with `clipbt index PATH`")
+        check_has_collection(store)
         return cls(store, store.collection(collection), encoder=encoder, config=config)
 
     # -- lazily loaded parts -----------------------------------------------------------------

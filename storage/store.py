@@ -371,7 +371,7 @@ class Store:
                 S.embeddings.insert(),
                 [{"image_id": i, "data": blob} for i, blob in zip(ids, blobs, strict=True)],
             )
-            _bump_content(conn, [coll.id])
+            _bump(conn, S.collections.c.content_version, [coll.id])
         return ids
 
     def images(
@@ -459,7 +459,7 @@ class Store:
                     ).rowcount
                     touched.update(r.collection_id for r in live)
             if touched:
-                _bump_content(conn, sorted(touched))
+                _bump(conn, S.collections.c.content_version, sorted(touched))
         return marked
 
     def image_ids(self, collection_id: int | str | Collection) -> np.ndarray:
@@ -637,7 +637,7 @@ class Store:
                 )
                 .returning(S.pairs.c.id)
             ).scalar_one()
-            _bump(conn, uid)
+            _bump(conn, S.users.c.pref_version, [uid])
         return pair_id
 
     def add_ranking(
@@ -726,7 +726,7 @@ class Store:
                     for pos, (i, tier) in enumerate(items)
                 ],
             )
-            _bump(conn, uid)
+            _bump(conn, S.users.c.pref_version, [uid])
         return rid
 
     def pairs(
@@ -1039,18 +1039,10 @@ def _pair_selects(by_collection: bool, by_query: bool) -> tuple[sa.Select, sa.Se
     return stored, implied
 
 
-def _bump_content(conn: sa.Connection, collection_ids: list[int]) -> None:
-    conn.execute(
-        S.collections.update()
-        .where(S.collections.c.id.in_(collection_ids))
-        .values(content_version=S.collections.c.content_version + 1)
-    )
-
-
-def _bump(conn: sa.Connection, uid: int) -> None:
-    conn.execute(
-        S.users.update().where(S.users.c.id == uid).values(pref_version=S.users.c.pref_version + 1)
-    )
+def _bump(conn: sa.Connection, counter: sa.Column, row_ids: list[int]) -> None:
+    """Add 1 to a version counter (users.pref_version, collections.content_version) of these rows."""
+    table = counter.table
+    conn.execute(table.update().where(table.c.id.in_(row_ids)).values({counter.name: counter + 1}))
 
 
 def _embedding_blobs(coll: Collection, records: list[ImageRecord], embeddings) -> list[bytes]:
