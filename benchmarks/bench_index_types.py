@@ -6,7 +6,7 @@
 Data: n unit vectors of dimension 512 in 1,000 clusters (cosine about 0.6 to their centre: CLIP's
 space is clumpy, and uniform random vectors would be a worst case no index is built for), rounded
 to float16 as the store keeps embeddings by default (so "flat16" is exact on them); queries drawn
-the same way, so they fall among the images rather than on one. Every search goes through `indexer.faiss_index.search`, the product's path,
+the same way, so they fall among the images rather than on one. Every search goes through `indexer.vectors.faiss.FaissIndex.search`, the product's path,
 for 26 neighbours (what `clipbt search -k 10` asks FAISS for). Timed: one query at a time (median
 of `--reps`) and batches of `--batch` (median of `--batch-reps`), the types interleaved in a fresh
 random order each repetition. Recall@10: share of the exact top 10 (flat) found.
@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.faiss_index import build_index, plan_index, search
+from indexer.vectors.faiss import FaissIndex, plan_index
 from machine import describe  # benchmarks/machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,14 +58,14 @@ def main() -> None:
     indexes, facts = {}, {}
     for kind in TYPES:
         start = time.perf_counter()
-        indexes[kind] = build_index(ids, vectors, kind)
+        indexes[kind] = FaissIndex.build(ids, vectors, kind)
         facts[kind] = {"factory": plan_index(kind, args.n, args.dim), "build_s": round(time.perf_counter() - start, 2),
-                       "size_mb": round(faiss.serialize_index(indexes[kind]).size / 2**20, 1)}
+                       "size_mb": round(faiss.serialize_index(indexes[kind].cpu).size / 2**20, 1)}
         print(f"built {kind:>7} ({facts[kind]['factory']}) in {facts[kind]['build_s']} s, {facts[kind]['size_mb']} MB")
 
-    _, exact = search(indexes["flat"], batch, 10)
+    _, exact = indexes["flat"].search(batch, 10)
     for kind, index in indexes.items():
-        _, found = search(index, batch, 10)
+        _, found = index.search(batch, 10)
         facts[kind]["recall_at_10"] = round(float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])), 4)
 
     single_times = {kind: [] for kind in TYPES}
@@ -73,12 +73,12 @@ def main() -> None:
     for rep in range(args.reps):
         for kind in rng.permutation(TYPES):
             start = time.perf_counter()
-            search(indexes[kind], singles[rep: rep + 1], DEPTH)
+            indexes[kind].search(singles[rep: rep + 1], DEPTH)
             single_times[kind].append(time.perf_counter() - start)
     for _ in range(args.batch_reps):
         for kind in rng.permutation(TYPES):
             start = time.perf_counter()
-            search(indexes[kind], batch, DEPTH)
+            indexes[kind].search(batch, DEPTH)
             batch_times[kind].append(time.perf_counter() - start)
     for kind in TYPES:
         facts[kind]["single_ms"] = round(1000 * statistics.median(single_times[kind]), 3)

@@ -36,7 +36,8 @@ import numpy as np
 from engine.bt import AdaptConfig
 from engine.search import Engine, SearchConfig, SearchRequest
 from indexer.encoder import Encoder
-from indexer.faiss_index import build_index
+from indexer.vectors.collection import IndexFiles
+from indexer.vectors.faiss import FaissIndex
 from machine import describe  # benchmarks/machine.py
 from storage import ImageRecord, Store, StoreConfig
 
@@ -64,7 +65,7 @@ def build(folder: Path, n: int, users: int, pairs: int, seed: int):
         for _ in range(pairs):
             a, b = rng.choice(ids, 2, replace=False)
             store.add_pair(f"user{u:03d}", TEXTS[rng.integers(0, 8)], int(a), int(b))
-    store.vector_store(coll).save_index(build_index(ids, vectors, "flat"), {"index_type": "flat"})
+    IndexFiles(store, coll).save(FaissIndex.build(ids, vectors, "flat"), "flat")
     return store, coll  # the engine loads the saved index as `clipbt search` does, and checks it per search
 
 

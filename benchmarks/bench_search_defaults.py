@@ -18,7 +18,7 @@ from pathlib import Path
 from engine.bt import AdaptConfig
 from engine.demo import DEMO_COLLECTION, DEMO_USER, DemoConfig, matches_taste, run_demo
 from engine.search import Engine, SearchConfig
-from engine.world import read_collection
+from indexer.world import read_collection
 from machine import describe  # benchmarks/machine.py
 from storage import Store
 

@@ -120,12 +120,13 @@ def collection_info(store: Store, collection: str = "default") -> dict:
     """What `clipbt info` shows: the collection, its model, counts, index type and device."""
     import torch
 
-    from indexer.faiss_index import require_faiss
+    from indexer.vectors.collection import IndexFiles
+    from indexer.vectors.faiss import require_faiss
 
     coll = store.collection(collection)
     users = store.users()
     pairs = sum(len(store.pairs(u, coll.id)) for u in users)
-    manifest = store.vector_store(coll).manifest() or {}
+    manifest = IndexFiles(store, coll).identity() or {}
     faiss = require_faiss()
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return {

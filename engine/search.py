@@ -179,13 +179,13 @@ class Engine:
 
     @property
     def index(self):
-        """The collection's FAISS index (`indexer.pipeline.SearchIndex`), loaded on first use and
+        """The collection's vector index (`indexer.vectors.VectorIndex`), loaded on first use and
         again once images have been added or deleted since (by any process: one cheap SELECT)."""
         if self._index_given:
             return self._index
         version = self.store.content_version(self.collection.id)
         if self._index is None or version != self._index_version:
-            from indexer.pipeline import open_index
+            from indexer.vectors.collection import open_index
 
             self._index, self._index_version = open_index(self.store, self.collection), version
         return self._index

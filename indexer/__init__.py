@@ -1,4 +1,4 @@
-"""Indexing: the CLIP encoder, safe image decoding, the ingestion pipeline, FAISS indexes, clip-retrieval import/export."""
+"""Indexing: the CLIP encoder, safe image decoding, the ingestion pipeline, vector indexes (indexer.vectors), clip-retrieval import/export."""
 
 import lazy_loader
 
@@ -13,7 +13,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "ModelUnavailableError",
         "PathNotFoundError",
     ),
-    "faiss_index": ("build_index", "require_faiss", "search"),
     "images": ("Skip",),
-    "pipeline": ("IndexOptions", "IndexReport", "SearchIndex", "index_paths", "open_index"),
+    "pipeline": ("IndexOptions", "IndexReport", "index_paths"),
+    "vectors.base": ("VectorIndex",),
+    "vectors.collection": ("open_index",),
 })

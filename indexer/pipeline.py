@@ -1,11 +1,11 @@
-"""The ingestion pipeline (discover -> read + hash -> decode in workers -> encode -> commit per batch -> FAISS index) and index loading for search.
+"""The ingestion pipeline: discover -> read + hash -> decode in workers -> encode -> commit per batch -> vector index.
 
 Crash safety: each batch is one `Store.add_images` transaction, so a killed run loses at most the
 batch in flight; the next run hashes every file again, finds the committed ones unchanged and
 encodes the rest. A changed file's old row is marked deleted just before its new row is added
-(two transactions: a kill between them only means that file is encoded again next run). The FAISS
+(two transactions: a kill between them only means that file is encoded again next run). The vector
 index is saved after the last batch; a run killed earlier leaves it stale, which the next run or
-`open_index` notices (storage's manifest) and rebuilds from the embeddings in SQL.
+`indexer.vectors.collection.open_index` notices and rebuilds from the embeddings in SQL.
 """
 
 import dataclasses
@@ -23,14 +23,12 @@ import torch
 from tqdm import tqdm
 
 from indexer.encoder import Encoder
-from indexer.faiss_index import build_index, check_index_type, plan_index, search, to_gpu
+from indexer.vectors.collection import refresh
+from indexer.vectors.faiss import check_index_type
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
 from storage import Collection, ImageRecord, Store
-from storage.errors import CollectionMismatchError
 
 log = logging.getLogger(__name__)
-
-_REUSE_LIMIT = 0.1  # an existing index is extended (not rebuilt) while added or deleted ids stay under this share
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class IndexOptions:
     batch_size: int = 256  # images per encoder batch, and per committed transaction (what a kill can lose)
     workers: int | None = None  # decoding processes; None: one per CPU core but one (max 32); 0: in-process
     remove_missing: bool = False  # mark deleted the collection's images under `paths` whose files are gone
-    index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.faiss_index)
+    index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     progress: bool = True  # tqdm bar on stderr: files/s and skipped count
 
@@ -103,7 +101,7 @@ def _collate(batch: list[tuple[_Item, torch.Tensor | None]]) -> tuple[list[_Item
 
 def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: str = "default",
                 encoder: Encoder | None = None, options: IndexOptions | None = None, **overrides) -> IndexReport:
-    """Index the image files under `paths` into `collection` and save its FAISS index.
+    """Index the image files under `paths` into `collection` and save its vector index.
 
     encoder: default `Encoder.load()` (the shipped model). options: IndexOptions, any field of
     which may also be passed by keyword (`remove_missing=True`). The collection records the
@@ -158,8 +156,8 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
         bar.close()
     if options.remove_missing:
         report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
-    with clock("faiss index"):
-        _refresh_index(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
+    with clock("vector index"):
+        refresh(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
     report.skipped.sort(key=lambda s: s.path)
     log.info("indexed %s: %s", collection, ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
     return report
@@ -176,66 +174,6 @@ def _remove_missing(store: Store, coll: Collection, paths, present: set[str], sk
     gone = [image.id for image in store.images(coll.id)
             if image.uri not in present and under(image.uri, roots) and not under(image.uri, unreadable)]
     return store.mark_deleted(gone) if gone else 0
-
-
-def _refresh_index(store: Store, coll: Collection, index_type: str, added: np.ndarray) -> None:
-    """Bring the saved index up to date: extend the saved one when little changed, else rebuild from SQL."""
-    vectors = store.vector_store(coll)
-    manifest = vectors.manifest()
-    if manifest is not None and manifest.get("index_type") == index_type:
-        expected = vectors.expected()
-        before = dataclasses.replace(expected, live_ids=np.setdiff1d(expected.live_ids, added))
-        index = vectors.load_index(before)
-        if index is not None:
-            exact = plan_index(index_type, index.ntotal, coll.dim) in ("Flat", "SQfp16")  # no training: extending = rebuilding
-            small = max(1.0, _REUSE_LIMIT * index.ntotal)
-            if vectors.deleted_in_index <= small and (exact or added.size <= small):
-                if added.size:
-                    ids, embeddings = store.embeddings(coll.id, added)
-                    index.add_with_ids(embeddings, ids)
-                    vectors.save_index(index, {"index_type": index_type})
-                return
-    _rebuild(store, coll, index_type)
-
-
-def _rebuild(store: Store, coll: Collection, index_type: str):
-    ids, embeddings = store.embeddings(coll.id)
-    index = build_index(ids, embeddings, index_type)
-    store.vector_store(coll).save_index(index, {"index_type": index_type})
-    return index
-
-
-class SearchIndex:
-    """A collection's FAISS index ready to search (on the GPU when FAISS sees one); deleted images never come back."""
-
-    def __init__(self, collection: Collection, index, deleted_ids: np.ndarray):
-        self.collection = collection
-        self.index = index
-        self.deleted_ids = deleted_ids  # int64: deleted images the index may still hold
-
-    def search(self, queries: np.ndarray, k: int, exclude_ids=None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores float32 (B, k), ids int64 (B, k)) for queries float32 (B, dim); see faiss_index.search."""
-        extra = np.asarray([] if exclude_ids is None else list(exclude_ids), dtype=np.int64)
-        return search(self.index, queries, k, np.concatenate([self.deleted_ids, extra]))
-
-
-def open_index(store: Store, collection: str | int | Collection, encoder: Encoder | None = None) -> SearchIndex:
-    """Load a collection's saved index, or rebuild (and save) it from SQL when missing or stale, logging why.
-
-    With `encoder`, refuse (CollectionMismatchError) a collection embedded by another model.
-    """
-    coll = store.collection(collection)
-    if encoder is not None and (encoder.model_name, encoder.pretrained, encoder.dim) != (coll.model, coll.pretrained, coll.dim):
-        raise CollectionMismatchError(
-            f"collection {coll.name!r} holds embeddings of {coll.model}/{coll.pretrained} (dim {coll.dim}); "
-            f"it cannot be queried with {encoder.model_name}/{encoder.pretrained} (dim {encoder.dim})"
-        )
-    vectors = store.vector_store(coll)
-    index = vectors.load_index()
-    if index is None:
-        log.warning("rebuilding the FAISS index of collection %r: %s", coll.name, vectors.reason)
-        index = _rebuild(store, coll, (vectors.manifest() or {}).get("index_type", "flat"))
-    return SearchIndex(coll, to_gpu(index), store.deleted_ids(coll.id))
 
 
 @contextmanager

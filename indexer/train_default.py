@@ -27,7 +27,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
-from engine.world import WorldConfig, caption, generate
+from indexer.world import WorldConfig, caption, generate
 from indexer.default_model import DEFAULT_MODEL_NAME, register
 from indexer.default_model.quality import HELD_OUT_SEED, measure
 

@@ -21,15 +21,11 @@ Embeddings
     be rebuilt from SQL alone. float16 keeps each component to 5e-4 relative error at half
     the space.
 
-FAISS index files
-    `VectorStore.save_index` writes the index to a temporary file, fsyncs it, renames it to
-    `index-<sha256 prefix>.faiss`, then atomically replaces `manifest.json` (count, id range,
-    sha256 of the id set, index type, model, checkpoint, dim, file checksum): the manifest
-    is the commit point. `load_index` returns None with a `reason` when the manifest is missing,
-    the file is corrupt, the model differs, a live image is missing or an unknown id is present;
-    the caller rebuilds and prints the reason. FAISS ids are SQL image ids. Deleted images are
-    only flagged; `Store.deleted_ids()` lists them so the searcher drops them from results, which
-    works for GPU indexes too (they cannot remove ids).
+Vector indexes
+    Not kept here: `indexer.vectors` saves each collection's index under `Store.collection_index_dir`
+    (beside the SQLite file, or under the data home for PostgreSQL) and checks it against the ids
+    this store lists. Deleted images are only flagged here; `Store.deleted_ids()` lists them.
+    This package imports neither faiss nor torch.
 
 Preferences
     `add_pair` stores one pair. `add_ranking` stores a ranking (best first) as such, for
@@ -50,28 +46,13 @@ Schema versions
     this adds no runtime dependency or configuration files.
 """
 
-from storage.records import (
-    Collection,
-    ConsistencyReport,
-    Feedback,
-    Image,
-    ImageRecord,
-    PreferencePair,
-    Ranking,
-)
-from storage.store import Store, StoreConfig
-from storage.vector import IndexExpectation, VectorStore
+import lazy_loader
 
-__all__ = [
-    "Collection",
-    "ConsistencyReport",
-    "Feedback",
-    "Image",
-    "ImageRecord",
-    "IndexExpectation",
-    "PreferencePair",
-    "Ranking",
-    "Store",
-    "StoreConfig",
-    "VectorStore",
-]
+# The public names, each imported from its module on first use.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "records": ["Collection", "ConsistencyReport", "Feedback", "Image", "ImageRecord", "PreferencePair", "Ranking"],
+        "store": ["Store", "StoreConfig"],
+    },
+)

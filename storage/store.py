@@ -43,7 +43,6 @@ from storage.records import (
     PreferencePair,
     Ranking,
 )
-from storage.vector import VectorStore
 
 DB_FILENAME = "clipbt.db"  # the default SQLite file inside the data home
 EMBEDDING_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -166,7 +165,7 @@ class Store:
 
     @property
     def index_dir(self) -> Path:
-        """The folder holding this store's FAISS indexes, one subfolder per collection."""
+        """The folder holding this store's vector indexes, one subfolder per collection."""
         return self._index_root / self.store_id[:12]
 
     def _init_schema(self) -> None:
@@ -881,12 +880,11 @@ class Store:
         finally:
             conn.close()
 
-    # -- vector store and checks ---------------------------------------------------------------
+    # -- index files and checks ----------------------------------------------------------------
 
-    def vector_store(self, collection: int | str | Collection) -> VectorStore:
-        """The saved FAISS index of a collection."""
-        coll = self.collection(collection)
-        return VectorStore(self, coll, self.index_dir / f"collection-{coll.id}")
+    def collection_index_dir(self, collection: int | str | Collection) -> Path:
+        """The folder of a collection's saved vector index (`indexer.vectors.collection`)."""
+        return self.index_dir / f"collection-{self.collection(collection).id}"
 
     def check_consistency(self) -> ConsistencyReport:
         """Look for anything a crash or a bug could have left behind: SQLite page damage,

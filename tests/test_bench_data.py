@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import world
+from indexer import world
 from engine.bt import GLOBAL_QUALITY_QUERY
-from engine.preference_data import (
+from engine.bench.datasets import (
     EmbeddingCache,
     PreferenceDataError,
     WorldBenchConfig,

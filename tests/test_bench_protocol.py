@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from engine import bt
-from engine import preference_bench as pb
-from engine.preference_data import EncodedDataset
+from engine.bench import protocol as pb
+from engine.bench.datasets import EncodedDataset
 
 SMALL = dict(sizes=(0, 1, 5, 20), repeats=3, eval_size=300, tune_size=100, tune_repeats=2)
 

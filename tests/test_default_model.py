@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.world import generate
+from indexer.world import generate
 from indexer.default_model import DEFAULT_MODEL_NAME, load_default_model, register, weights_path
 from indexer.default_model.quality import measure
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from engine.cli import main
 from engine.demo import DemoConfig, demo_user, matches_taste, run_demo
-from engine.world import generate
+from indexer.world import generate
 
 
 def test_demo_taste_share_improves_after_adaptation(tmp_path):

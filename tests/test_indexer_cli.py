@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from indexer_fixtures import TEST_MODEL, make_bad_files, make_images, register_test_model
 
 from engine.cli import main
-from indexer.cli import EXIT_SKIPPED
+from engine.cli.index import EXIT_SKIPPED
 
 MODEL = ["--model", TEST_MODEL, "--pretrained", "random", "--workers", "0", "--no-progress"]
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from indexer_fixtures import TEST_MODEL, make_bad_files, make_images, picture, tiny_encoder
 
-from indexer.pipeline import index_paths, open_index
+from indexer.pipeline import index_paths
+from indexer.vectors.collection import IndexFiles, open_index
 from storage import Store
 from storage.errors import CollectionMismatchError
 
@@ -89,7 +90,7 @@ def test_search_finds_each_image_first(store, tmp_path):
     make_images(tmp_path, 8)
     index_paths(store, [tmp_path], encoder=tiny_encoder(), workers=0, progress=False)
     ids, vectors = store.embeddings("default")
-    scores, found = open_index(store, "default", tiny_encoder()).search(vectors, 3)
+    scores, found = open_index(store, "default").search(vectors, 3)
     assert (found[:, 0] == ids).all()
     np.testing.assert_allclose(scores[:, 0], np.sum(vectors * vectors, axis=1), atol=1e-4)
 
@@ -101,9 +102,9 @@ def test_deleted_images_never_come_back_and_a_stale_index_is_rebuilt(store, tmp_
     store.mark_deleted([int(ids[0])])
     _, found = open_index(store, "default").search(vectors[:1], 8)
     assert int(ids[0]) not in found[0].tolist() and (found[0, :7] >= 0).all()
-    (store.vector_store("default").manifest_path).unlink()
+    IndexFiles(store, store.collection("default")).identity_path.unlink()
     _, found = open_index(store, "default").search(vectors[1:2], 1)
-    assert found[0, 0] == ids[1] and "rebuilding the FAISS index of collection 'default'" in caplog.text
+    assert found[0, 0] == ids[1] and "rebuilding the vector index of collection 'default'" in caplog.text
 
 
 def test_another_model_is_refused(store, tmp_path):
@@ -111,8 +112,6 @@ def test_another_model_is_refused(store, tmp_path):
     index_paths(store, [tmp_path], encoder=tiny_encoder(), workers=0, progress=False)
     other = type(tiny_encoder()).__new__(type(tiny_encoder()))
     other.__dict__.update(tiny_encoder().__dict__, pretrained="sha256:" + "0" * 64)
-    with pytest.raises(CollectionMismatchError, match="cannot be queried with"):
-        open_index(store, "default", other)
     with pytest.raises(CollectionMismatchError):
         index_paths(store, [tmp_path], encoder=other, workers=0, progress=False)
 
@@ -121,7 +120,7 @@ def test_another_model_is_refused(store, tmp_path):
 def test_other_index_types_are_saved_and_kept(store, tmp_path, index_type):
     make_images(tmp_path, 6)
     index_paths(store, [tmp_path], encoder=tiny_encoder(), workers=0, progress=False, index_type=index_type)
-    assert store.vector_store("default").manifest()["index_type"] == index_type
+    assert IndexFiles(store, store.collection("default")).identity()["index_type"] == index_type
     make_images(tmp_path, 2, start=20)
     index_paths(store, [tmp_path], encoder=tiny_encoder(), workers=0, progress=False, index_type=index_type)
     ids, vectors = store.embeddings("default")

@@ -1,9 +1,8 @@
-"""Store and VectorStore on SQLite and PostgreSQL: round trips, typed errors, index checks."""
+"""The Store on SQLite and PostgreSQL: round trips, typed errors, consistency checks."""
 
 import hashlib
 import sqlite3
 
-import faiss
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -418,98 +417,6 @@ def test_consistency_check_finds_damage(store):
     assert not report.ok
     assert f"images without an embedding, e.g. [{ids[2]}]" in str(report)
     assert f"embeddings of the wrong size, e.g. [{ids[1]}]" in str(report)
-
-
-# -- vector store -----------------------------------------------------------------------------
-
-
-def build_index(store, coll, include_deleted=False):
-    ids, vectors = store.embeddings(coll.id, include_deleted=include_deleted)
-    index = faiss.IndexIDMap2(faiss.IndexFlatL2(coll.dim))
-    index.add_with_ids(vectors, ids)
-    return index
-
-
-def test_index_round_trip(store):
-    coll, ids, vectors = add_photos(store, n=20)
-    vs = store.vector_store(coll)
-    assert vs.load_index() is None and vs.reason == "no saved index for collection 'photos'"
-    manifest = vs.save_index(build_index(store, coll), {"index_type": "IDMap2,Flat"})
-    assert (manifest["count"], manifest["min_id"], manifest["max_id"]) == (20, ids[0], ids[-1])
-    assert (manifest["model"], manifest["dim"], manifest["index_type"]) == (
-        "ViT-B-32",
-        8,
-        "IDMap2,Flat",
-    )
-    assert vs.manifest() == manifest
-    loaded = vs.load_index()
-    assert loaded is not None, vs.reason
-    _, found = loaded.search(vectors[:3], 1)
-    assert found[:, 0].tolist() == ids[:3]
-
-
-def test_index_stale_after_changes(store):
-    coll, ids, _ = add_photos(store, n=5)
-    vs = store.vector_store(coll)
-    vs.save_index(build_index(store, coll))
-    store.mark_deleted([ids[0]])  # deleted ids may stay in the index: filtered at query time
-    assert vs.load_index() is not None and vs.deleted_in_index == 1
-    [new] = store.add_images(coll.id, [ImageRecord("/n.jpg", sha("n"), 1, 1)], np.ones((1, 8)))
-    assert vs.load_index() is None
-    assert (
-        vs.reason
-        == f"index of collection 'photos' is stale: 1 of 5 images are not in it (e.g. ids [{new}])"
-    )
-    vs.save_index(build_index(store, coll))
-    assert vs.load_index() is not None and vs.deleted_in_index == 0
-    other = vs.expected()
-    assert vs.load_index(type(other)(**{**other.__dict__, "live_ids": other.live_ids[1:]})) is None
-    assert "holds 1 ids that are not images of the collection" in vs.reason
-    assert vs.load_index(type(other)(**{**other.__dict__, "model": "ViT-L-14"})) is None
-    assert vs.reason == (
-        "index of collection 'photos' was built for model 'ViT-B-32', the collection has 'ViT-L-14'"
-    )
-
-
-def test_damaged_index_files_are_refused_not_raised(store):
-    coll, ids, _ = add_photos(store, n=5)
-    vs = store.vector_store(coll)
-    manifest = vs.save_index(build_index(store, coll))
-    path = vs.directory / manifest["file"]
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    assert vs.load_index() is None and "is corrupt: its checksum differs" in vs.reason
-    path.write_bytes(b"")
-    assert vs.load_index() is None and "is corrupt" in vs.reason
-    path.unlink()
-    assert vs.load_index() is None and "is unreadable" in vs.reason
-    vs.manifest_path.write_text('{"format": 1, "collec')
-    assert vs.load_index() is None and "is unreadable or of another format" in vs.reason
-    # a save killed before its manifest rename leaves a temporary file and the old state
-    (vs.directory / ".tmp-dead.faiss").write_bytes(b"partial")
-    vs.save_index(build_index(store, coll))
-    assert vs.load_index() is not None
-    assert sorted(p.name for p in vs.directory.glob("index-*.faiss")) == [vs.manifest()["file"]]
-
-
-def test_save_index_refuses_indexes_without_image_ids(store):
-    coll, ids, vectors = add_photos(store, n=40)
-    vs = store.vector_store(coll)
-    with pytest.raises(
-        InvalidIndexError,
-        match="a IndexFlatL2 does not carry image ids; wrap it in faiss.IndexIDMap2",
-    ):
-        vs.save_index(faiss.IndexFlatL2(8))
-    with pytest.raises(InvalidIndexError, match="index has dimension 4, collection 'photos' has 8"):
-        vs.save_index(faiss.IndexIDMap2(faiss.IndexFlatIP(4)))
-    with pytest.raises(InvalidIndexError, match="manifest says model = 'RN50'"):
-        vs.save_index(build_index(store, coll), {"model": "RN50"})
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4)
-    ivf.train(vectors)
-    ivf.add_with_ids(vectors, np.array(ids))
-    assert vs.save_index(ivf)["count"] == 40
-    assert vs.load_index() is not None, vs.reason
 
 
 def test_sqlite_file_is_a_real_database(isolated_home):

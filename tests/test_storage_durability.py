@@ -9,12 +9,13 @@ import sqlite3
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
 from storage import ImageRecord, Store, _schema
+from indexer.vectors.collection import IndexFiles
+from indexer.vectors.faiss import FaissIndex
 from storage.errors import SchemaVersionError
 
 V1_DUMP = Path(__file__).parent / "data" / "store_v1.sql"
@@ -143,9 +144,9 @@ def _save_forever(write_fd, coll_name, index):
     try:
         out = os.fdopen(write_fd, "w", buffering=1)
         with Store.open() as store:
-            vs = store.vector_store(coll_name)
+            vs = IndexFiles(store, store.collection(coll_name))
             while True:
-                vs.save_index(index)
+                vs.save(index, "flat")
                 print("saved", file=out)
     finally:
         os._exit(0)
@@ -155,9 +156,8 @@ def _save_forever(write_fd, coll_name, index):
 def test_sigkill_during_index_save_leaves_a_loadable_index(isolated_home):
     with Store.open() as store:
         coll, ids = add_photos(store, 200)
-        index = faiss.IndexIDMap2(faiss.IndexFlatL2(4))
-        index.add_with_ids(*store.embeddings(coll.id)[::-1])
-        store.vector_store(coll).save_index(index)
+        index = FaissIndex.build(*store.embeddings(coll.id), "flat", gpu=False)
+        IndexFiles(store, coll).save(index, "flat")
     rng = random.Random(99)
     for run in range(10):
         read_fd, write_fd = os.pipe()
@@ -171,10 +171,10 @@ def test_sigkill_during_index_save_leaves_a_loadable_index(isolated_home):
         os.waitpid(pid, 0)
         os.close(read_fd)
         with Store.open() as store:
-            vs = store.vector_store(coll)
-            loaded = vs.load_index()
+            vs = IndexFiles(store, coll)
+            loaded = vs.load()
             assert loaded is not None, f"run {run}: {vs.reason}"
-            assert loaded.ntotal == 200
+            assert len(loaded) == 200
 
 
 # -- schema versions --------------------------------------------------------------------------

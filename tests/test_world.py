@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.world import (
+from indexer.world import (
     BACKGROUNDS,
     COLOURS,
     COUNT_WORDS,

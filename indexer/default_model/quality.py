@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from engine.world import COLOURS, QUALITIES, SHAPES, WorldConfig, generate
+from indexer.world import COLOURS, QUALITIES, SHAPES, WorldConfig, generate
 
 HELD_OUT_SEED = 777_001  # world seed of held-out images; training must use another
 

@@ -1,0 +1,1 @@
+"""Vector indexes: one interface (`base.VectorIndex`), its implementations (`faiss`), and the index of a stored collection (`collection`)."""

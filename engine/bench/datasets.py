@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from engine import world
+from indexer import world
 from engine.bt import GLOBAL_QUALITY_QUERY
 from storage.errors import ClipbtError
 
@@ -230,10 +230,10 @@ def load_npz(path: Path) -> PreferenceDataset:
 
 @dataclass(frozen=True)
 class WorldBenchConfig:
-    """How the `world` dataset is drawn from the default world (engine.world)."""
+    """How the `world` dataset is drawn from the default world (indexer.world)."""
 
     images: int = 1000  # world images generated and encoded
-    users: int = 10  # simulated users (engine.world.sample_users)
+    users: int = 10  # simulated users (indexer.world.sample_users)
     pairs_per_user: int = 600  # random image pairs each user answers
     seed: int = 0  # seeds the images, the users and their answers
 
@@ -242,8 +242,8 @@ def load_world(folder: str | os.PathLike, config: WorldBenchConfig = WorldBenchC
     """Simulated users of the default world answering random image pairs by sampling their BT model.
     World pairs have no prompt (use the global query).
 
-    The images are written once into `folder` (engine.world.write_collection). Each pair carries the
-    Bayes-optimal expected accuracy for it, knowing the user (engine.world.bayes_optimal_accuracy) and
+    The images are written once into `folder` (indexer.world.write_collection). Each pair carries the
+    Bayes-optimal expected accuracy for it, knowing the user (indexer.world.bayes_optimal_accuracy) and
     not knowing the user (the BT probability averaged over all users, whose pairs are equally many)."""
     folder = Path(folder)
     if (folder / world.LABELS_FILE).is_file() and len(world.read_collection(folder)) == config.images:

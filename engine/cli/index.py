@@ -5,44 +5,23 @@ Exit status: 0 done; 3 done with skips (files or rows left out, each listed with
 """
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from indexer.embeddings_io import export_embeddings, import_embeddings
-from indexer.faiss_index import INDEX_TYPES
+from indexer.vectors.faiss import INDEX_TYPES
+from engine.cli.options import (
+    DeferredOptions,
+    collection_option,
+    json_option,
+    model_option,
+    pretrained_option,
+)
 from storage import Store
 
 EXIT_DONE = 0  # every file or row was taken
 EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see the list)
-
-_model = click.option(
-    "--model", default=None,
-    help="open_clip model name (e.g. ViT-L-14), hf-hub:ORG/REPO or local-dir:PATH [default: the shipped model].",
-)
-_pretrained = click.option(
-    "--pretrained", default=None,
-    help="open_clip tag (e.g. openai), a checkpoint file, or 'random' (untrained, for benchmarks).",
-)
-_collection = click.option("--collection", "-c", default="default", show_default=True, help="Collection name.")
-_json = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-
-
-class DeferredOptions(click.Command):
-    """A command whose last options `deferred()` builds when it first parses arguments or shows help,
-    so that importing it (as `clipbt --help` does) skips the torch modules their defaults come from."""
-
-    def __init__(self, *args, deferred: Callable[[], list[click.Parameter]], **kwargs):
-        super().__init__(*args, **kwargs)
-        self._deferred = deferred
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if self._deferred is not None:
-            self.params.extend(self._deferred())
-            self._deferred = None
-        return super().get_params(ctx)
-
 
 def _batch_size_option() -> list[click.Parameter]:
     from indexer.pipeline import IndexOptions
@@ -64,9 +43,9 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
 
 @click.command("index", cls=DeferredOptions, deferred=_batch_size_option)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_collection
-@_model
-@_pretrained
+@collection_option
+@model_option
+@pretrained_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: CUDA in float16 when present, else CPU].")
 @click.option("--workers", default=None, type=click.IntRange(0),
               help="Decoding processes [default: CPU cores - 1]; 0 decodes in the main process.")
@@ -74,7 +53,7 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
               help=f"{', '.join(INDEX_TYPES)}, or a FAISS factory string (e.g. 'IVF256,SQ8').")
 @click.option("--remove-missing", is_flag=True, help="Drop images under PATHS whose files are gone.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-@_json
+@json_option
 @click.pass_obj
 def index_command(obj, paths, collection, model, pretrained, device, batch_size, workers, index_type,
                   remove_missing, progress, as_json):
@@ -106,10 +85,10 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
 @click.command("import-embeddings")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_collection
-@_model
-@_pretrained
-@_json
+@collection_option
+@model_option
+@pretrained_option
+@json_option
 @click.pass_obj
 def import_embeddings_command(obj, directory, collection, model, pretrained, as_json):
     """Import precomputed embeddings in clip-retrieval's layout (img_emb/img_emb_N.npy and
@@ -134,9 +113,9 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
 
 @click.command("export-embeddings")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@_collection
+@collection_option
 @click.option("--shard-size", default=1_000_000, show_default=True, type=click.IntRange(1), help="Rows per shard.")
-@_json
+@json_option
 @click.pass_obj
 def export_embeddings_command(obj, directory, collection, shard_size, as_json):
     """Export a collection's embeddings in clip-retrieval's layout, readable by import-embeddings.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import bt
-from engine.preference_data import EncodedDataset
+from engine.bench.datasets import EncodedDataset
 from storage.errors import ClipbtError
 
 METHODS = ("original", "positive", "bt", "bt_margin", "bt_selected", "rocchio", "average_vector", "plackett_luce")

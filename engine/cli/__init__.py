@@ -70,16 +70,16 @@ def demo(obj: CliContext, images: int, query: str, questions: int) -> None:
     run_demo(obj.home, DemoConfig(images=images, query=query, questions=questions), echo=click.echo)
 
 
-from engine.bench_cli import bench  # noqa: E402
+from engine.cli.bench import bench  # noqa: E402
 
 main.add_command(bench)
 
-from indexer.cli import export_embeddings_command, import_embeddings_command, index_command  # noqa: E402
+from engine.cli.index import export_embeddings_command, import_embeddings_command, index_command  # noqa: E402
 
 for _command in (index_command, import_embeddings_command, export_embeddings_command):
     main.add_command(_command)
 
-from engine.commands import COMMANDS as _QUERY_COMMANDS  # noqa: E402
+from engine.cli.query import COMMANDS as _QUERY_COMMANDS  # noqa: E402
 
 for _command in _QUERY_COMMANDS:
     main.add_command(_command)

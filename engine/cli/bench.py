@@ -1,11 +1,11 @@
-"""`clipbt bench`: benchmark commands, thin wrappers over engine.preference_bench."""
+"""`clipbt bench`: benchmark commands, thin wrappers over engine.bench.protocol."""
 
 import json
 import shlex
 
 import click
 
-from indexer.cli import DeferredOptions
+from engine.cli.options import DeferredOptions
 
 
 def _sizes(ctx, param, value: str) -> tuple[int, ...]:
@@ -29,7 +29,7 @@ def bench() -> None:
 
 
 def _format_option() -> list[click.Parameter]:
-    from engine.preference_data import FORMATS
+    from engine.bench.datasets import FORMATS
 
     return [click.Option(["--format", "fmt"], type=click.Choice(FORMATS),
                          help="Layout of DATASET (default: detected from its suffix and contents).")]
@@ -62,7 +62,7 @@ def preference(obj, dataset, fmt, sizes, repeats, eval_size, query, per_user, mo
 
         clipbt bench preference world --per-user --out benchmarks/results
     """
-    from engine import preference_bench, preference_data
+    from engine.bench import datasets as preference_data, protocol as preference_bench
 
     config = preference_bench.BenchConfig(sizes=sizes, repeats=repeats, eval_size=eval_size, per_user=per_user,
                                           seed=seed)

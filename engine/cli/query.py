@@ -17,15 +17,8 @@ from engine.preferences import (
     record_pair,
     record_ranking,
 )
-from indexer.cli import DeferredOptions
+from engine.cli.options import DeferredOptions, collection_option, json_option, query_option, user_option
 from storage import Store
-
-collection_option = click.option("--collection", "-c", default="default", show_default=True,
-                                 help="Collection to use.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-user_option = click.option("--user", "-u", required=True, help="User name (created if new).")
-query_option = click.option("--query", "-q", required=True, help="The query text the preference is about.")
-
 
 @contextmanager
 def _store(obj):

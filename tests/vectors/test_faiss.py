@@ -1,4 +1,4 @@
-"""FAISS indexes against a brute-force numpy top-k: exact search equal (ties allowed), approximate ones above a stated recall@10.
+"""The FAISS vector index: the conformance suite for every index type, plus plans, GPU placement and file safety.
 
 Every check runs on the CPU, and again through `to_gpu` when FAISS sees a GPU: one code path.
 """
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from indexer.errors import FaissUnavailableError, IndexTypeError
-from indexer.faiss_index import build_index, plan_index, require_faiss, search, to_gpu
+from indexer.vectors.faiss import FaissIndex, plan_index, require_faiss
+from tests.vectors.conformance import Conformance
 
 HAS_GPU = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 PLACES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not HAS_GPU, reason="FAISS sees no GPU"))]
@@ -48,8 +49,39 @@ def brute_force(ids, base, queries, k, exclude=()):
     return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
-def place(index, where):
-    return to_gpu(index) if where == "gpu" else index
+def build(ids, base, index_type="flat", where="cpu"):
+    return FaissIndex.build(ids, base, index_type, gpu=where == "gpu")
+
+
+def search(index, queries, k, exclude=()):
+    """Search `index` without the `exclude` ids, removing them as the collection layer does."""
+    index.remove(np.array(sorted(exclude), dtype=np.int64))
+    return index.search(queries, k)
+
+
+class TestFaissFlat(Conformance):
+    def new_index(self, dim):
+        return FaissIndex.empty(dim, "flat", gpu=False)
+
+
+class TestFaissHnsw(Conformance):
+    exact, recall_floor = False, 0.95
+
+    def new_index(self, dim):
+        return FaissIndex.empty(dim, "hnsw", gpu=False)
+
+
+class TestFaissIvf(Conformance):
+    exact, recall_floor = False, 0.95
+
+    def new_index(self, dim):
+        return FaissIndex.empty(dim, "ivf", gpu=False)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="FAISS sees no GPU")
+class TestFaissFlatGpu(Conformance):
+    def new_index(self, dim):
+        return FaissIndex.empty(dim, "flat", gpu=True)
 
 
 @pytest.mark.parametrize("where", PLACES)
@@ -59,7 +91,7 @@ def test_exact_types_equal_brute_force(data, where, exclude, index_type):
     ids, base, queries = data
     if index_type == "flat16":
         base = base.astype(np.float16).astype(np.float32)  # as the store keeps embeddings by default
-    index = place(build_index(ids, base, index_type), where)
+    index = build(ids, base, index_type, where)
     exclude = set(exclude) | set(ids[np.argmax(queries @ base.T, axis=1)].tolist())  # drop every true top-1
     scores, got = search(index, queries, 10, exclude)
     want_scores, _ = brute_force(ids, base, queries, 10, exclude)
@@ -74,7 +106,7 @@ def test_exact_types_equal_brute_force(data, where, exclude, index_type):
 @pytest.mark.parametrize("index_type", list(RECALL_FLOORS))
 def test_approximate_recall_at_10(data, where, index_type):
     ids, base, queries = data
-    index = place(build_index(ids, base, index_type), where)
+    index = build(ids, base, index_type, where)
     _, got = search(index, queries, 10)
     _, want = brute_force(ids, base, queries, 10)
     recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
@@ -93,16 +125,16 @@ def test_plans_follow_the_collection_size():
 
 def test_short_results_are_padded_and_empty_index_searches(data):
     ids, base, queries = data
-    scores, got = search(build_index(ids[:3], base[:3]), queries[:2], 5, exclude_ids=[ids[0]])
+    scores, got = search(build(ids[:3], base[:3]), queries[:2], 5, exclude=[ids[0]])
     assert (got[:, 2:] == -1).all() and np.isneginf(scores[:, 2:]).all() and (got[:, :2] >= 0).all()
-    scores, got = search(build_index(ids[:0], base[:0], "ivf"), queries[:2], 3)
+    scores, got = search(build(ids[:0], base[:0], "ivf"), queries[:2], 3)
     assert (got == -1).all()
 
 
 def test_bad_index_type_names_itself(data):
     ids, base, _ = data
     with pytest.raises(IndexTypeError, match=r"index type 'IVF-lots' is neither one of flat, flat16, ivf, ivfpq, hnsw"):
-        build_index(ids, base, "IVF-lots")
+        build(ids, base, "IVF-lots")
 
 
 def test_missing_faiss_names_the_wheels(monkeypatch):
