@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.bt import AdaptConfig, PairSet, adapt_many
+from engine.bt import AdaptConfig, PairSet, adapt_many, logistic
 from engine.preferences import check_has_collection, record_feedback, record_pair, record_ranking
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
@@ -352,7 +352,7 @@ class Engine:
         ranking = rank_candidates(similarity, config.adapt.beta, winners, losers, weights, config.rank)
         theta = np.empty(2)
         theta[ranking.order] = ranking.strength
-        return float(1.0 / (1.0 + np.exp(theta[1] - theta[0])))
+        return float(logistic(theta[0] - theta[1]))
 
     # -- search ------------------------------------------------------------------------------
 

@@ -22,12 +22,12 @@ from PIL import Image as PILImage
 
 from indexer.errors import EmbeddingsFormatError
 from storage import ImageRecord, Store
+from storage._sql import _SHA256
 
 URI_COLUMNS = ("image_path", "url")  # first one present names the image
 _KNOWN_COLUMNS = ("caption", "sha256", "width", "height")
 NORM_TOLERANCE = 0.01  # a row is rejected when |norm - 1| exceeds this
 _SHARD = re.compile(r"img_emb_(\d+)\.npy")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)

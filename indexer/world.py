@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from storage.errors import ClipbtError
+from storage.numeric import logistic
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLOURS = {  # name -> base RGB; each image jitters it a little
@@ -273,10 +274,6 @@ def feature_matrix(attrs: Sequence[Attributes]) -> np.ndarray:
     return np.stack([features(a) for a in attrs]) if attrs else np.zeros((0, len(FEATURE_NAMES)))
 
 
-def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 @dataclass(frozen=True, eq=False)
 class SimulatedUser:
     """A user with a hidden linear utility over attribute features who answers pairs by the Bradley-Terry model."""
@@ -297,7 +294,7 @@ class SimulatedUser:
 
     def probability(self, a: Attributes, b: Attributes) -> float:
         """P(a preferred over b) = sigmoid(u(a) - u(b))."""
-        return float(_sigmoid(self.utility(a) - self.utility(b)))
+        return float(logistic(self.utility(a) - self.utility(b)))
 
     def prefers(self, a: Attributes, b: Attributes, rng: np.random.Generator) -> bool:
         """A sampled answer to 'a or b?': True when a is preferred."""

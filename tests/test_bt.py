@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import bt
+from engine.bt.span import _chunks_by_size
 
 
 def unit_rows(rng, n, d):
@@ -142,32 +143,35 @@ def test_span_form_equals_adapt(normalize):
         np.testing.assert_allclose(stacked, got, atol=2e-5)
 
 
-def test_one_blas_thread_limits_numpy_and_restores():
+def blas_threads():
     from threadpoolctl import threadpool_info
 
-    def numpy_blas():
-        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+    return {p["filepath"]: p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
 
-    before = numpy_blas()
-    if not before:
+
+def test_adapt_many_sets_numpy_blas_to_one_thread_and_leaves_faiss_and_torch_alone():
+    import faiss  # noqa: F401  (its own BLAS must keep its threads)
+
+    rng = np.random.default_rng(14)
+    x, p, r = unit_rows(rng, 2, 16), unit_rows(rng, 5, 16), unit_rows(rng, 5, 16)
+    others = {path: n for path, n in blas_threads().items() if "numpy" not in path}
+    torch_threads = torch.get_num_threads()
+    bt.adapt_many(x, [bt.PairSet.of(p, r)] * 2, [None] * 2)
+    numpy_pools = {path: n for path, n in blas_threads().items() if "numpy" in path}
+    if not numpy_pools:
         pytest.skip("numpy's BLAS is not one threadpoolctl can see on this machine")
-    with bt.one_blas_thread():
-        assert set(numpy_blas()) == {1}
-    assert numpy_blas() == before
+    assert set(numpy_pools.values()) == {1}
+    assert {path: n for path, n in blas_threads().items() if "numpy" not in path} == others
+    assert torch.get_num_threads() == torch_threads
 
 
-def test_threads_adapting_at_once_leave_the_thread_counts_as_they_were():
+def test_threads_adapting_at_once_agree_and_leave_the_thread_counts_as_they_were():
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_info
-
-    def blas_threads():
-        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-
-    before = (blas_threads(), torch.get_num_threads())
     rng = np.random.default_rng(15)
     x, p, r = unit_rows(rng, 8, 16), unit_rows(rng, 5, 16), unit_rows(rng, 5, 16)
     want = bt.adapt_many(x, [bt.PairSet.of(p, r)] * 8, [None] * 8)
+    before = (blas_threads(), torch.get_num_threads())
 
     def work(_):
         return [bt.adapt_many(x, [bt.PairSet.of(p, r)] * 8, [None] * 8) for _ in range(50)]
@@ -192,7 +196,7 @@ def test_chunks_by_size_bounds_padding_and_covers_every_item():
     for _ in range(50):
         costs = rng.integers(1, 200, size=rng.integers(1, 40)).tolist()
         items = list(range(100, 100 + len(costs)))
-        chunks = bt._chunks_by_size(items, costs)
+        chunks = _chunks_by_size(items, costs)
         assert sorted(i for c in chunks for i in c) == items
         for chunk in chunks:
             cost = [costs[i - 100] for i in chunk]

@@ -15,6 +15,7 @@ from PIL import Image
 from indexer import world
 from engine.bt import GLOBAL_QUALITY_QUERY
 from storage.errors import ClipbtError
+from storage.numeric import logistic
 
 FORMATS = ("pickapic", "hpdv2", "imagereward", "jsonl", "npz", "world")
 
@@ -263,7 +264,7 @@ def load_world(folder: str | os.PathLike, config: WorldBenchConfig = WorldBenchC
             rejected.append(lose)
             owner.append(user.name)
             bayes.append(world.bayes_optimal_accuracy(user, [(attrs[a], attrs[b])]))
-            p = float(np.mean(1.0 / (1.0 + np.exp(-(utilities[:, a] - utilities[:, b])))))
+            p = float(np.mean(logistic(utilities[:, a] - utilities[:, b])))
             pooled.append(max(p, 1.0 - p))
     return PreferenceDataset(
         f"world:seed={config.seed},images={config.images},users={config.users}",
