@@ -3,6 +3,7 @@
 import hashlib
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class SearchConfig:
     text_cache_size: int = 1024  # query texts whose embedding is kept (LRU)
     query_cache_size: int = 4096  # adapted queries kept (LRU), keyed by (user, preference version, query)
     user_cache_size: int = 1024  # users whose pairs (embedding differences and Gram matrix) are kept (LRU)
+    path_cache_size: int = 100_000  # image paths kept for results (LRU)
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -47,7 +49,7 @@ class SearchConfig:
             raise SearchInputError(
                 f"oversample must be >= 1 and min_extra >= 0, got {self.oversample} and {self.min_extra}"
             )
-        for name in ("text_cache_size", "query_cache_size", "user_cache_size"):
+        for name in ("text_cache_size", "query_cache_size", "user_cache_size", "path_cache_size"):
             if getattr(self, name) < 1:
                 raise SearchInputError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -106,24 +108,44 @@ def effective_weights(weights: np.ndarray) -> np.ndarray:
     return weights * (len(weights) / max(float(weights.sum()), 1.0))
 
 
-class _LRU(OrderedDict):
-    """A dict that keeps its `size` most recently used keys."""
+class _LRU:
+    """A dict that keeps its `size` most recently used keys; safe to share between threads."""
 
     def __init__(self, size: int):
-        super().__init__()
         self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key, default=None):
-        if key not in self:
-            return default
-        self.move_to_end(key)
-        return self[key]
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
 
     def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def pop(self, key, default=None):
+        with self._lock:
+            return self._items.pop(key, default)
+
+    def drop(self, matches) -> None:
+        """Remove every key for which `matches(key)` is true."""
+        with self._lock:
+            for key in [k for k in self._items if matches(k)]:
+                del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        with self._lock:
+            return iter(list(self._items))
 
 
 @dataclass(frozen=True)
@@ -140,10 +162,11 @@ class _UserPairs:
 
 
 class Engine:
-    """Joins a store, an encoder and a FAISS index into the query path of one collection.
+    """Joins a store, an encoder and a vector index into the query path of one collection.
 
-    The encoder and the index are loaded on first use. Its caches are plain dicts: use one Engine
-    per thread.
+    The encoder and the index are loaded on first use, once, and shared by every thread that uses
+    the engine: its caches are bounded and locked, and a new index is loaded only when the
+    collection's images have changed (by one thread, while the others wait for it).
     """
 
     def __init__(self, store: Store, collection: Collection, encoder=None, index=None,
@@ -159,7 +182,9 @@ class Engine:
         self._adapted = _LRU(config.query_cache_size)  # (user, version, query key, settings) -> (x', w)
         self._pairs = _LRU(config.user_cache_size)  # user -> _UserPairs of their latest seen version
         self._pair_texts = _LRU(config.user_cache_size)  # user -> (version, (T, d) embeddings of its pair texts)
-        self._paths: dict[int, str] = {}  # image id -> uri, filled as hits are returned
+        self._paths = _LRU(config.path_cache_size)  # image id -> uri, filled as hits are returned
+        self._load_lock = threading.Lock()  # one thread loads the encoder or a new index at a time
+        self.index_loads = 0  # how many times an index was loaded (or rebuilt)
 
     @classmethod
     def open(cls, store: Store, collection: str = "default", config: SearchConfig = SearchConfig(),
@@ -174,7 +199,9 @@ class Engine:
     def encoder(self):
         """The collection's encoder, loaded on first use."""
         if self._encoder is None:
-            self._encoder = _load_encoder(self.collection)
+            with self._load_lock:
+                if self._encoder is None:
+                    self._encoder = _load_encoder(self.collection)
         return self._encoder
 
     @property
@@ -185,9 +212,13 @@ class Engine:
             return self._index
         version = self.store.content_version(self.collection.id)
         if self._index is None or version != self._index_version:
-            from indexer.vectors.collection import open_index
+            with self._load_lock:
+                if self._index is None or version != self._index_version:
+                    from indexer.vectors.collection import open_index
 
-            self._index, self._index_version = open_index(self.store, self.collection), version
+                    self._index = open_index(self.store, self.collection)
+                    self._index_version = version
+                    self.index_loads += 1
         return self._index
 
     # -- query embeddings --------------------------------------------------------------------
@@ -267,8 +298,7 @@ class Engine:
         """Drop every cached adapted query and pair of `user` (after they record a preference)."""
         self._pairs.pop(user, None)
         self._pair_texts.pop(user, None)
-        for key in [k for k in self._adapted if k[0] == user]:
-            del self._adapted[key]
+        self._adapted.drop(lambda key: key[0] == user)
 
     def _personalise(self, requests: Sequence[SearchRequest], queries: np.ndarray, config: SearchConfig):
         """Adapted queries (B, d) and, per request, (its user's pairs or None, their weights)."""
@@ -411,10 +441,13 @@ class Engine:
         ]
 
     def _uris(self, ids: np.ndarray) -> list[str]:
-        missing = [int(i) for i in ids if int(i) not in self._paths]
-        for i in missing:
-            self._paths[i] = self.store.image(i).uri
-        return [self._paths[int(i)] for i in ids]
+        found = {int(i): self._paths.get(int(i)) for i in ids}
+        missing = [i for i, uri in found.items() if uri is None]
+        if missing:
+            for i, uri in self.store.uris(missing).items():
+                found[i] = uri
+                self._paths.put(i, uri)
+        return [found[int(i)] for i in ids]
 
 
 def _direct_comparisons(candidates: np.ndarray, context) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

@@ -214,6 +214,16 @@ class CollectionsMixin:
             raise UnknownImageError(f"unknown image id {image_id}")
         return _image(row)
 
+    def uris(self, image_ids: Iterable[int]) -> dict[int, str]:
+        """The uri of each image id (deleted or not) in one query per 500 ids; unknown ids are absent."""
+        ids = sorted({_image_id(i) for i in image_ids})
+        with self._read() as conn:
+            return {
+                row.id: row.uri
+                for chunk in _chunks(ids)
+                for row in conn.execute(sa.select(S.images.c.id, S.images.c.uri).where(S.images.c.id.in_(chunk)))
+            }
+
     def find_image(self, collection_id: int | str | Collection, ref: int | str) -> Image:
         """A live image of the collection by id, or by uri / path (a path is also tried resolved).
 

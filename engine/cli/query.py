@@ -9,13 +9,8 @@ import click
 import numpy as np
 
 from engine.preferences import (
-    check_has_collection,
-    collection_info,
     export_preferences,
     import_preferences,
-    record_feedback,
-    record_pair,
-    record_ranking,
 )
 from engine.cli.options import DeferredOptions, collection_option, json_option, query_option, user_option
 from storage import Store
@@ -27,19 +22,13 @@ def _store(obj):
 
 
 @contextmanager
-def _indexed_store(obj):
-    """The store once it holds a collection (`check_has_collection`, as in `Engine.open`)."""
-    with _store(obj) as store:
-        check_has_collection(store)
-        yield store
+def _library(obj, config=None):
+    """The library API (`engine.api.Clipbt`) over the command's store."""
+    from engine.api import Clipbt
+    from engine.search import SearchConfig
 
-
-@contextmanager
-def _engine(obj, collection: str, config=None):
-    from engine.search import Engine, SearchConfig
-
-    with _store(obj) as store:
-        yield Engine.open(store, collection, config or SearchConfig())
+    with Clipbt(Store.open(home=obj.home), config or SearchConfig()) as clip:
+        yield clip
 
 
 def _print_json(data) -> None:
@@ -76,7 +65,7 @@ def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collect
 
         clipbt search "a red circle" --user ann -k 5
     """
-    from engine.search import SearchConfig, SearchRequest
+    from engine.search import SearchConfig
 
     changes = {name: value for name, value in (("lr", lr), ("steps", steps), ("beta", beta)) if value is not None}
     config = SearchConfig(adapt=dataclasses.replace(SearchConfig().adapt, **changes),
@@ -87,8 +76,8 @@ def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collect
             query_vector = np.load(vector, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise click.ClickException(f"cannot read query vector {str(vector)!r}: {exc}") from None
-    with _engine(obj, collection, config) as engine:
-        hits = engine.search_many([SearchRequest(text, None if no_adapt else user, k, query_vector)])[0]
+    with _library(obj, config) as clip:
+        hits = clip.search(text, None if no_adapt else user, k, collection, query_vector)
     if as_json:
         _print_json([hit.to_dict() for hit in hits])
         return
@@ -110,8 +99,8 @@ def prefer(obj, user, query, preferred, rejected, collection):
 
         clipbt prefer --user ann --query "a red circle" 12 7
     """
-    with _indexed_store(obj) as store:
-        record_pair(store, collection, user, query, preferred, rejected)
+    with _library(obj) as clip:
+        clip.prefer(user, query, preferred, rejected, collection)
     click.echo(f"{user} prefers {preferred} over {rejected} for {query!r}")
 
 
@@ -128,8 +117,8 @@ def rank(obj, user, query, images, collection):
 
         clipbt rank --user ann --query "a red circle" 12 7 3
     """
-    with _indexed_store(obj) as store:
-        record_ranking(store, collection, user, query, images)
+    with _library(obj) as clip:
+        clip.rank(user, query, images, collection)
     click.echo(f"{user} ranks {' > '.join(images)} for {query!r}")
 
 
@@ -156,8 +145,8 @@ def feedback(obj, user, query, marked, collection):
             raise click.UsageError(f"expected --good or --bad before {token!r}")
         else:
             groups[current].append(token)
-    with _indexed_store(obj) as store:
-        record_feedback(store, collection, user, query, groups["--good"], groups["--bad"])
+    with _library(obj) as clip:
+        clip.feedback(user, query, groups["--good"], groups["--bad"], collection)
     click.echo(f"{user}: {len(groups['--good'])} good, {len(groups['--bad'])} bad for {query!r}")
 
 
@@ -176,8 +165,8 @@ def compare(obj, user, query, a, b, collection, as_json):
 
         clipbt compare --user ann --query "a red circle" 12 7 --json
     """
-    with _engine(obj, collection) as engine:
-        p = engine.compare(user, query, a, b)
+    with _library(obj) as clip:
+        p = clip.compare(user, query, a, b, collection)
     if as_json:
         _print_json({"a": a, "b": b, "p": p})
     else:
@@ -303,8 +292,8 @@ def info(obj, collection, as_json):
 
         clipbt info --json
     """
-    with _indexed_store(obj) as store:
-        data = collection_info(store, collection)
+    with _library(obj) as clip:
+        data = clip.info(collection)
     if as_json:
         _print_json(data)
     else:

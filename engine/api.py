@@ -1,0 +1,84 @@
+"""The library API that the CLI and the HTTP service call: open a store, get the shared engine of a collection, search, record preferences, compare, describe."""
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.preferences import check_has_collection, collection_info
+from engine.search import Engine, Hit, SearchConfig, SearchRequest
+from storage import Store
+
+
+class Clipbt:
+    """One store and the shared engines of its collections: what a process works through.
+
+    Safe to share between threads: each collection gets one Engine (one loaded index, one
+    encoder, bounded caches), made on first use.
+
+        with Clipbt.open() as clip:
+            hits = clip.search("a red circle", user="ann", k=5)
+            clip.prefer("ann", "a red circle", hits[1].id, hits[0].id)
+    """
+
+    def __init__(self, store: Store, config: SearchConfig = SearchConfig()):
+        self.store = store
+        self.config = config
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, home: str | Path | None = None, db: str | None = None,
+             config: SearchConfig = SearchConfig()) -> "Clipbt":
+        """The store at database URL `db`, else the SQLite file in the data home `home`."""
+        return cls(Store.open(db, home=home), config)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Clipbt":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def engine(self, collection: str = "default") -> Engine:
+        """The shared engine of a collection; EmptyCollectionError when nothing was indexed yet."""
+        with self._lock:
+            engine = self._engines.get(collection)
+            if engine is None:
+                engine = self._engines[collection] = Engine.open(self.store, collection, self.config)
+            return engine
+
+    def search(self, query: str | None = None, user: str | None = None, k: int = 10,
+               collection: str = "default", vector=None, config: SearchConfig | None = None) -> list[Hit]:
+        """The k best images for `query` (or a query `vector`), personalised for `user`."""
+        return self.engine(collection).search(query, user, k, vector, config)
+
+    def search_many(self, requests: Sequence[SearchRequest], collection: str = "default",
+                    config: SearchConfig | None = None) -> list[list[Hit]]:
+        """Many searches answered by one batched adaptation and one index search."""
+        return self.engine(collection).search_many(requests, config)
+
+    def prefer(self, user: str, query: str, preferred: int | str, rejected: int | str,
+               collection: str = "default") -> int:
+        """Record that `user` preferred one image (id or path) over another for `query`."""
+        return self.engine(collection).prefer(user, query, preferred, rejected)
+
+    def rank(self, user: str, query: str, images: Sequence[int | str], collection: str = "default") -> int:
+        """Record `user`'s ranking of images for `query`, best first."""
+        return self.engine(collection).rank(user, query, images)
+
+    def feedback(self, user: str, query: str, good: Sequence[int | str], bad: Sequence[int | str],
+                 collection: str = "default") -> int:
+        """Record thumbs up and down for `query`: every good image over every bad one."""
+        return self.engine(collection).feedback(user, query, good, bad)
+
+    def compare(self, user: str | None, query: str, a: int | str, b: int | str,
+                collection: str = "default") -> float:
+        """P(a over b) for `user` and `query`."""
+        return self.engine(collection).compare(user, query, a, b)
+
+    def info(self, collection: str = "default") -> dict:
+        """What `clipbt info` shows about a collection."""
+        check_has_collection(self.store)
+        return collection_info(self.store, collection)
