@@ -4,7 +4,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.preferences import check_has_collection, collection_info
+from engine.preferences import check_has_collection
 from engine.search import Engine, Hit, SearchConfig, SearchRequest
 from storage import Store
 
@@ -79,6 +79,38 @@ class Clipbt:
         return self.engine(collection).compare(user, query, a, b)
 
     def info(self, collection: str = "default") -> dict:
-        """What `clipbt info` shows about a collection."""
+        """What `clipbt info` shows: the collection, its model, counts, index type and devices."""
+        from indexer.vectors.collection import IndexFiles
+
         check_has_collection(self.store)
-        return collection_info(self.store, collection)
+        store = self.store
+        coll = store.collection(collection)
+        users = store.users()
+        saved = IndexFiles(store, coll).identity() or {}
+        return {
+            "collection": coll.name,
+            "model": coll.model,
+            "pretrained": coll.pretrained,
+            "dim": coll.dim,
+            "images": len(store.image_ids(coll.id)),
+            "deleted": len(store.deleted_ids(coll.id)),
+            "users": len(users),
+            "pairs": sum(len(store.pairs(u, coll.id)) for u in users),
+            "index_type": saved.get("index_type", "none (built on first search)"),
+            "device": _devices(),
+        }
+
+
+def _devices() -> str:
+    """Where the encoder and the index run: "cpu, faiss on cpu", "cuda, faiss on gpu", ..."""
+    import torch
+
+    from indexer.errors import FaissUnavailableError
+    from indexer.vectors.faiss import require_faiss
+
+    try:
+        faiss = require_faiss()
+        index = f"faiss on {'gpu' if hasattr(faiss, 'get_num_gpus') and faiss.get_num_gpus() else 'cpu'}"
+    except FaissUnavailableError:
+        index = "faiss not installed"
+    return f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {index}"

@@ -1,4 +1,4 @@
-"""Preferences recorded by image id or path, moved as portable JSON records (export / import), and a collection's summary."""
+"""Preferences recorded by image id or path, and moved as portable JSON records (export / import)."""
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -114,30 +114,3 @@ def import_preferences(store: Store, lines: Iterable[str]) -> dict[str, int]:
             raise type(exc)(f"line {number}: {exc}") from None
         counts[kind] += 1
     return counts
-
-
-def collection_info(store: Store, collection: str = "default") -> dict:
-    """What `clipbt info` shows: the collection, its model, counts, index type and device."""
-    import torch
-
-    from indexer.vectors.collection import IndexFiles
-    from indexer.vectors.faiss import require_faiss
-
-    coll = store.collection(collection)
-    users = store.users()
-    pairs = sum(len(store.pairs(u, coll.id)) for u in users)
-    manifest = IndexFiles(store, coll).identity() or {}
-    faiss = require_faiss()
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return {
-        "collection": coll.name,
-        "model": coll.model,
-        "pretrained": coll.pretrained,
-        "dim": coll.dim,
-        "images": len(store.image_ids(coll.id)),
-        "deleted": len(store.deleted_ids(coll.id)),
-        "users": len(users),
-        "pairs": pairs,
-        "index_type": manifest.get("index_type", "none (built on first search)"),
-        "device": ("cuda" if torch.cuda.is_available() else "cpu") + f", faiss on {'gpu' if gpus else 'cpu'}",
-    }

@@ -31,7 +31,7 @@ class RankConfig:
 
 
 @dataclass(frozen=True)
-class Ranking:
+class CandidateRanking:
     """Candidates in ranked order, best first; all arrays have shape (n,)."""
 
     order: np.ndarray  # int64 indices into the candidate list, best first
@@ -77,7 +77,7 @@ def fit_strengths(prior_mean, winners, losers, weights=None, prior_precision: fl
 
 
 def rank_candidates(similarity, beta: float = 1.0, winners=(), losers=(), weights=None,
-                    config: RankConfig = RankConfig()) -> Ranking:
+                    config: RankConfig = RankConfig()) -> CandidateRanking:
     """Rank n candidates by BT strength: beta * s(x', y) (eqs. 1-2) adjusted by the user's direct
     comparisons among them (`fit_strengths` with the prior centred on beta * s).
 
@@ -113,4 +113,4 @@ def rank_candidates(similarity, beta: float = 1.0, winners=(), losers=(), weight
     strength = theta[order]
     p_next = np.full(len(s), np.nan)
     p_next[:-1] = logistic(strength[:-1] - strength[1:])
-    return Ranking(order=order, strength=strength, p_next=p_next)
+    return CandidateRanking(order=order, strength=strength, p_next=p_next)

@@ -14,7 +14,7 @@ from engine.bt import AdaptConfig, PairSet, adapt_many, logistic
 from engine.preferences import check_has_collection, record_feedback, record_pair, record_ranking
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
-from storage.errors import ClipbtError, CollectionMismatchError, EmptyCollectionError
+from storage.errors import ClipbtError, EmptyCollectionError
 
 SCOPES = ("query-kernel", "all")
 
@@ -508,9 +508,6 @@ def _load_encoder(collection: Collection):
         encoder = Encoder.load(collection.model, path)  # a changed file fails the identity check below
     else:
         encoder = Encoder.load(collection.model, collection.pretrained)
-    if (encoder.model_name, encoder.pretrained, encoder.dim) != (collection.model, collection.pretrained, collection.dim):
-        raise CollectionMismatchError(
-            f"collection {collection.name!r} holds embeddings of {collection.model}/{collection.pretrained} "
-            f"(dim {collection.dim}), but the model found is {encoder.model_name}/{encoder.pretrained} (dim {encoder.dim})"
-        )
+    collection.check_model(encoder.model_name, encoder.pretrained, encoder.dim,
+                           "the model found is another one: it cannot search this collection")
     return encoder

@@ -13,7 +13,6 @@ import sqlalchemy as sa
 from storage import _schema as S
 from storage.errors import (
     CollectionExistsError,
-    CollectionMismatchError,
     DuplicateImageError,
     ForeignImageError,
     InvalidRecordError,
@@ -63,12 +62,7 @@ class CollectionsMixin:
             if row is None:
                 return self._insert_collection(conn, name, model, pretrained, dim, embedding_dtype, checkpoint_path)
             found = _collection(row)
-            if (found.model, found.pretrained, found.dim) != (model, pretrained, dim):
-                raise CollectionMismatchError(
-                    f"collection {name!r} holds embeddings of {found.model}/{found.pretrained} "
-                    f"(dim {found.dim}), not {model}/{pretrained} (dim {dim}); "
-                    "use another collection name"
-                )
+            found.check_model(model, pretrained, dim, "use another collection name")
             if checkpoint_path is not None and checkpoint_path != found.checkpoint_path:
                 conn.execute(S.collections.update().where(S.collections.c.id == found.id)
                              .values(checkpoint_path=checkpoint_path))

@@ -16,6 +16,16 @@ class Collection:
     embedding_dtype: str = "float16"  # how embeddings are stored: "float16" or "float32"
     checkpoint_path: str | None = None  # where the "sha256:" checkpoint file was last read from
 
+    def check_model(self, model: str, pretrained: str, dim: int, fix: str) -> None:
+        """CollectionMismatchError, naming both models and `fix`, unless this collection was embedded by (model, pretrained, dim)."""
+        from storage.errors import CollectionMismatchError
+
+        if (self.model, self.pretrained, self.dim) != (model, pretrained, dim):
+            raise CollectionMismatchError(
+                f"collection {self.name!r} holds embeddings of {self.model}/{self.pretrained} "
+                f"(dim {self.dim}), not {model}/{pretrained} (dim {dim}); {fix}"
+            )
+
 
 @dataclass(frozen=True)
 class ImageRecord:

@@ -88,3 +88,36 @@ def test_public_names_still_import():
     from indexer import Encoder  # noqa: F401
 
     assert engine.Engine.__module__ == "engine.search" and indexer.Encoder.__module__ == "indexer.encoder"
+
+
+def run_without_faiss(commands: list[list[str]]) -> list[tuple[int, str]]:
+    """(exit code, output) of `clipbt` with each of `commands`, in a fresh interpreter where `import faiss` fails."""
+    code = (
+        "import json, sys\n"
+        "sys.modules['faiss'] = None  # as if no FAISS wheel were installed\n"
+        "import storage\n"
+        "assert 'faiss' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "from click.testing import CliRunner\n"
+        "from engine.cli import main\n"
+        f"print(json.dumps([(r.exit_code, r.output) for r in (CliRunner().invoke(main, a) for a in {commands!r})]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return [tuple(row) for row in json.loads(result.stdout.splitlines()[-1])]
+
+
+def test_without_faiss_everything_but_search_works_and_search_names_the_wheels(images, tmp_path):
+    np.save(tmp_path / "query.npy", np.array([1, 0, 0, 0], dtype=np.float32))
+    outcomes = run_without_faiss([
+        ["prefer", "--user", "ann", "--query", "q", "/data/0.jpg", "/data/1.jpg"],
+        ["users"],
+        ["prefs", "export"],
+        ["info"],
+        ["search", "--vector", str(tmp_path / "query.npy"), "-k", "2"],
+    ])
+    assert [code for code, _ in outcomes[:4]] == [0, 0, 0, 0], outcomes
+    assert "ann" in outcomes[1][1] and '"preferred": "/data/0.jpg"' in outcomes[2][1]
+    assert "faiss not installed" in outcomes[3][1]
+    code, output = outcomes[4]
+    assert code == 1 and "Traceback" not in output
+    assert "Error: FAISS is not installed" in output and "pip install faiss-cpu, or faiss-gpu on a CUDA machine" in output
