@@ -12,8 +12,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "IndexTypeError",
         "ModelUnavailableError",
         "PathNotFoundError",
+        "RayClusterError",
+        "RayUnavailableError",
     ),
     "faiss_index": ("build_index", "require_faiss", "search"),
     "images": ("Skip",),
     "pipeline": ("IndexOptions", "IndexReport", "SearchIndex", "index_paths", "open_index"),
+    "ray_executor": ("RayIndexReport", "RayOptions", "index_paths_ray"),  # imports ray only when a run starts
 })

@@ -173,10 +173,11 @@ def index_paths_ray(store: Store, paths: Sequence[str | os.PathLike], collection
     options = dataclasses.replace(options or IndexOptions(), **overrides)
     ray_options = ray_options or RayOptions()
     started = time.perf_counter()
-    encoder = Encoder.load(model, pretrained, "cpu")
-    coll = open_collection(store, collection, encoder, options.index_type)
     report = RayIndexReport(collection)
     clock = functools.partial(timed, report.seconds)
+    with clock("load encoder (driver)"):
+        encoder = Encoder.load(model, pretrained, "cpu")
+    coll = open_collection(store, collection, encoder, options.index_type)
     staging = Path(ray_options.staging or data_home() / "staging") / f"ray-{store.store_id[:12]}-collection-{coll.id}"
     staging.mkdir(parents=True, exist_ok=True)
     lock = FileLock(staging / ".lock")
@@ -240,7 +241,13 @@ def _embed(todo: list[dict], encoder: Encoder, model, pretrained, options: Index
             report.seconds[stage] = 0.0
         while True:
             with clock("wait for blocks"):
-                batch = next(batches, None)
+                try:
+                    batch = next(batches, None)
+                except ray.exceptions.RayError as exc:  # a task or actor failed: a node lost, clipbt missing on it...
+                    raise RayClusterError(
+                        f"the Ray job failed after {report.shards} shards, which stay committed (rerun to resume): "
+                        f"{str(exc).strip().splitlines()[-1]}"
+                    ) from exc
             if batch is None:
                 break
             report.seconds[DECODE] += float(batch["decode_s"].sum())
