@@ -96,7 +96,7 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
         clipbt index ~/Pictures --model ViT-B-32 --pretrained openai --json
 
-        clipbt index /shared/photos --executor ray --ray-address ray://head:10001 --gpus-per-worker 1
+        clipbt index /data/photos --executor ray --ray-address ray://head:10001
     """
     from indexer.encoder import Encoder
     from indexer.pipeline import IndexOptions, index_paths
