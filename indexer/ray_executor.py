@@ -119,7 +119,7 @@ def plan_resources(cpus: float, gpus: float, options: RayOptions) -> ResourcePla
 def _import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401  (the extra `ray[data]`, not only the core)
+        import ray.data  # the extra `ray[data]`, not only the core
     except ImportError as exc:
         raise RayUnavailableError(f"the Ray executor needs ray[data] ({exc}): pip install 'clipbt[ray]'") from None
     return ray
@@ -148,7 +148,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     else:
         try:
             ray.init(address=address, **quiet)
-        except Exception as exc:  # ConnectionError, a Ray version or authentication error...
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:  # unreachable, bad address, auth
             raise RayClusterError(
                 f"cannot connect to the Ray cluster at {address!r} ({type(exc).__name__}: {exc}). Give the head's "
                 "address as ray://HEAD:10001 (Ray Client) or HEAD:6379 (on a cluster node); if the cluster uses token "
