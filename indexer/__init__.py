@@ -12,9 +12,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "IndexTypeError",
         "ModelUnavailableError",
         "PathNotFoundError",
+        "RayClusterError",
+        "RayUnavailableError",
     ),
     "images": ("Skip",),
     "pipeline": ("IndexOptions", "IndexReport", "index_paths"),
     "vectors.base": ("VectorIndex",),
     "vectors.collection": ("open_index",),
+    "ray_executor": ("RayIndexReport", "RayOptions", "index_paths_ray"),  # imports ray only when a run starts
 })

@@ -21,3 +21,11 @@ class PathNotFoundError(ClipbtError):
 
 class EmbeddingsFormatError(ClipbtError):
     """A precomputed-embeddings folder does not follow the clip-retrieval layout or does not fit the collection."""
+
+
+class RayUnavailableError(ClipbtError):
+    """The Ray executor was asked for but `ray[data]` is not installed."""
+
+
+class RayClusterError(ClipbtError):
+    """The Ray cluster cannot run the job: it cannot be reached, lacks the GPUs asked for, or a run already holds the staging folder."""

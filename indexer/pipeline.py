@@ -60,7 +60,7 @@ class IndexReport:
 
 
 @dataclass(frozen=True)
-class _Item:
+class FileItem:
     """One file as a decoding worker returns it: indexed (pixels), unchanged, or skipped (reason)."""
 
     path: str
@@ -81,20 +81,29 @@ class _Files(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[_Item, torch.Tensor | None]:
+    def __getitem__(self, i: int) -> tuple[FileItem, torch.Tensor | None]:
         path = self.files[i]
-        try:
-            data = read_bytes(path)
-            sha = hashlib.sha256(data).hexdigest()
-            if self.known.get(path) == sha:
-                return _Item(path, sha, unchanged=True), None
-            image, width, height = decode(data, self.max_pixels, self.min_side)
-        except BadImageError as exc:
-            return _Item(path, reason=str(exc)), None
-        return _Item(path, sha, width, height), self.preprocess(image)
+        return load_file(path, self.known.get(path), self.preprocess, self.min_side, self.max_pixels)
 
 
-def _collate(batch: list[tuple[_Item, torch.Tensor | None]]) -> tuple[list[_Item], torch.Tensor | None]:
+def load_file(path: str, known_sha256: str | None, preprocess, min_side: int,
+              max_pixels: int) -> tuple[FileItem, torch.Tensor | None]:
+    """Read and hash one file; unless its hash is `known_sha256`, decode and preprocess it.
+
+    Returns (item, pixels (3, H, W)); pixels is None when the file is unchanged or skipped.
+    """
+    try:
+        data = read_bytes(path)
+        sha = hashlib.sha256(data).hexdigest()
+        if known_sha256 == sha:
+            return FileItem(path, sha, unchanged=True), None
+        image, width, height = decode(data, max_pixels, min_side)
+    except BadImageError as exc:
+        return FileItem(path, reason=str(exc)), None
+    return FileItem(path, sha, width, height), preprocess(image)
+
+
+def _collate(batch: list[tuple[FileItem, torch.Tensor | None]]) -> tuple[list[FileItem], torch.Tensor | None]:
     pixels = [p for _, p in batch if p is not None]
     return [item for item, _ in batch], torch.stack(pixels) if pixels else None
 
@@ -109,16 +118,12 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     """
     options = dataclasses.replace(options or IndexOptions(), **overrides)
     encoder = encoder or Encoder.load()
-    check_index_type(options.index_type, encoder.dim)
     report = IndexReport(collection)
-    clock = functools.partial(_timed, report.seconds)
-    coll = store.get_or_create_collection(collection, encoder.model_name, encoder.pretrained, encoder.dim,
-                                          checkpoint_path=encoder.checkpoint_path)
+    clock = functools.partial(timed, report.seconds)
+    coll = open_collection(store, collection, encoder, options.index_type)
     with clock("discover"):
         files, report.skipped = discover(paths)
-        images = store.images(coll.id)
-        live = {image.uri: image.id for image in images}
-        known = {image.uri: image.sha256 for image in images}
+        live, known = live_images(store, coll)
     workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
     loader = torch.utils.data.DataLoader(
         _Files(files, known, encoder, options.max_pixels),
@@ -144,23 +149,53 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
                 with clock("encode"):
                     vectors = encoder.encode_images(pixels)
                 with clock("commit"):
-                    replaced = [live[item.path] for item in fresh if item.path in live]
-                    if replaced:
-                        store.mark_deleted(replaced)
                     records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
-                    added += store.add_images(coll.id, records, vectors)
+                    added += commit(store, coll, live, records, vectors)
                 report.indexed += len(fresh)
             bar.update(len(items))
             bar.set_postfix(skipped=len(report.skipped), refresh=False)
     finally:
         bar.close()
+    finish(store, coll, paths, files, added, options, report)
+    return report
+
+
+def open_collection(store: Store, name: str, encoder: Encoder, index_type: str) -> Collection:
+    """The collection `name` for `encoder`'s embeddings, created if missing (CollectionMismatchError
+    if it holds another model's); IndexTypeError for an index type that cannot hold them."""
+    check_index_type(index_type, encoder.dim)
+    return store.get_or_create_collection(name, encoder.model_name, encoder.pretrained, encoder.dim,
+                                          checkpoint_path=encoder.checkpoint_path)
+
+
+def live_images(store: Store, coll: Collection) -> tuple[dict[str, int], dict[str, str]]:
+    """({uri: image id}, {uri: sha256}) of the collection's live images."""
+    images = store.images(coll.id)
+    return {image.uri: image.id for image in images}, {image.uri: image.sha256 for image in images}
+
+
+def commit(store: Store, coll: Collection, live: dict[str, int], records: list[ImageRecord],
+           vectors: np.ndarray) -> list[int]:
+    """Add `records` with their embeddings (n, dim) in one transaction, first marking deleted the
+    live image each replaces (same uri); `live` is updated. Returns the new ids in order."""
+    replaced = [live[record.uri] for record in records if record.uri in live]
+    if replaced:
+        store.mark_deleted(replaced)
+    ids = store.add_images(coll.id, records, vectors)
+    live.update((record.uri, i) for record, i in zip(records, ids, strict=True))
+    return ids
+
+
+def finish(store: Store, coll: Collection, paths, files: list[str], added: list[int], options: IndexOptions,
+           report: IndexReport) -> None:
+    """After the last batch: remove missing files (when asked), bring the FAISS index up to date, sort the skips."""
+    clock = functools.partial(timed, report.seconds)
     if options.remove_missing:
         report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
     with clock("vector index"):
         refresh(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
     report.skipped.sort(key=lambda s: s.path)
-    log.info("indexed %s: %s", collection, ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
-    return report
+    log.info("indexed %s: %s", coll.name, ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
 
 
 def _remove_missing(store: Store, coll: Collection, paths, present: set[str], skipped: list[Skip]) -> int:
@@ -177,7 +212,7 @@ def _remove_missing(store: Store, coll: Collection, paths, present: set[str], sk
 
 
 @contextmanager
-def _timed(seconds: dict[str, float], stage: str):
+def timed(seconds: dict[str, float], stage: str):
     """Add the wall time of the block to seconds[stage]."""
     start = time.perf_counter()
     try:

@@ -48,15 +48,23 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
 @pretrained_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: CUDA in float16 when present, else CPU].")
 @click.option("--workers", default=None, type=click.IntRange(0),
-              help="Decoding processes [default: CPU cores - 1]; 0 decodes in the main process.")
+              help="local: decoding processes [default: CPU cores - 1], 0 decodes in the main process; "
+                   "ray: encoder actors [default: one per --gpus-per-worker GPUs, else the cluster's CPUs - 1].")
 @click.option("--index-type", default="flat", show_default=True,
               help=f"{', '.join(INDEX_TYPES)}, or a FAISS factory string (e.g. 'IVF256,SQ8').")
 @click.option("--remove-missing", is_flag=True, help="Drop images under PATHS whose files are gone.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+# -- the Ray executor (indexer/ray_executor.py) --
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: decode and encode on a Ray cluster (pip install 'clipbt[ray]').")
+@click.option("--ray-address", default=None,
+              help="A running Ray cluster (ray://HEAD:10001, or HEAD:6379 on a node) [default: start a local Ray].")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="ray: GPUs per encoder actor (0.5: two share a GPU); 0 encodes on CPUs.")
 @json_option
 @click.pass_obj
 def index_command(obj, paths, collection, model, pretrained, device, batch_size, workers, index_type,
-                  remove_missing, progress, as_json):
+                  remove_missing, progress, executor, ray_address, gpus_per_worker, as_json):
     """Embed the images under PATHS (folders walked recursively) into a collection and its FAISS index.
 
     Only new and changed files (by content hash) are encoded; a rerun after an interruption
@@ -66,15 +74,25 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
     Example:
 
         clipbt index ~/Pictures --model ViT-B-32 --pretrained openai --json
+
+        clipbt index /data/photos --executor ray --ray-address ray://head:10001
     """
     from indexer.encoder import Encoder
     from indexer.pipeline import IndexOptions, index_paths
 
-    encoder = Encoder.load(model, pretrained, device)
     options = IndexOptions(batch_size=batch_size, workers=workers, remove_missing=remove_missing,
                            index_type=index_type, progress=progress)
-    with Store.open(home=obj.home) as store:
-        report = index_paths(store, paths, collection, encoder, options)
+    if executor == "ray":
+        from indexer.ray_executor import RayOptions, index_paths_ray
+
+        ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 device=device, staging=str(obj.home / "staging"))
+        with Store.open(home=obj.home) as store:
+            report = index_paths_ray(store, paths, collection, model, pretrained, options, ray_options)
+    else:
+        encoder = Encoder.load(model, pretrained, device)
+        with Store.open(home=obj.home) as store:
+            report = index_paths(store, paths, collection, encoder, options)
     _finish(
         report.to_dict(), as_json,
         [f"collection {collection!r}: indexed {report.indexed}, unchanged {report.unchanged}, "
