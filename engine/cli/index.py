@@ -30,6 +30,20 @@ def _batch_size_option() -> list[click.Parameter]:
                          help="Images per encoder batch and per commit.")]
 
 
+TINY_NOTE = (
+    "note: clipbt-tiny, the shipped model, was trained only on clipbt's generated world of coloured "
+    "shapes; on photos its results mean little. For your own images use the default model (no --model: "
+    "ViT-B-32, laion2b_s34b_b79k) or another open_clip model."
+)
+
+
+def _is_world_folder(path: Path) -> bool:
+    """A folder written by `indexer.world.write_collection` (it holds the world's labels file)."""
+    from indexer.world import LABELS_FILE
+
+    return (path / LABELS_FILE).is_file()
+
+
 def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str]) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -59,6 +73,10 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
                   remove_missing, progress, as_json):
     """Embed the images under PATHS (folders walked recursively) into a collection and its FAISS index.
 
+    The default model is ViT-B-32 with LAION-2B weights (laion2b_s34b_b79k), downloaded once into
+    the Hugging Face cache. `--model clipbt-tiny` is the shipped offline model, which knows only
+    clipbt's generated world (the demo and the tests).
+
     Only new and changed files (by content hash) are encoded; a rerun after an interruption
     resumes. Bad files (corrupt, truncated, empty, not images, decompression bombs) are skipped
     and listed. Exit status 0: done; 3: done with skips; 1: error.
@@ -67,10 +85,14 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
         clipbt index ~/Pictures --model ViT-B-32 --pretrained openai --json
     """
-    from indexer.encoder import Encoder
+    from indexer.encoder import GENERAL_MODEL, SHIPPED_MODEL, Encoder
     from indexer.pipeline import IndexOptions, index_paths
 
+    if model is None and pretrained is None:
+        model, pretrained = GENERAL_MODEL
     encoder = Encoder.load(model, pretrained, device)
+    if encoder.model_name == SHIPPED_MODEL and not all(_is_world_folder(p) for p in paths):
+        click.echo(TINY_NOTE, err=True)
     options = IndexOptions(batch_size=batch_size, workers=workers, remove_missing=remove_missing,
                            index_type=index_type, progress=progress)
     with Store.open(home=obj.home) as store:
