@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from indexer.world import FEATURE_NAMES, LABELS_FILE, Attributes, SimulatedUser, read_collection, write_collection
-from storage import Store
+from storage import Store, StoreConfig
 
 if TYPE_CHECKING:
     from engine.search import Hit
@@ -61,8 +61,9 @@ def matches_taste(attrs: Attributes) -> bool:
 
 
 def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print,
-             progress: bool = True) -> DemoResult:
-    """Generate, index, search, collect `config.questions` answers from the demo user, search again."""
+             progress: bool = True, db: str | None = None) -> DemoResult:
+    """Generate, index, search, collect `config.questions` answers from the demo user, search again.
+    db: the store's URL (default: SQLite in `home`); images and index files stay under `home`."""
     folder = home / DEMO_COLLECTION / "images"
     labels = folder / LABELS_FILE
     if not labels.is_file() or len(labels.read_text().splitlines()) != config.images:
@@ -73,7 +74,7 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
     from engine.search import Engine  # the engine and the indexer pull in torch and open_clip
     from indexer.pipeline import index_paths
 
-    with Store.open(home=home) as store:
+    with Store.open(db, home=home, config=StoreConfig(index_dir=home / "indexes")) as store:
         echo("Indexing with the default model ...")
         report = index_paths(store, [folder], collection=DEMO_COLLECTION, progress=progress)
         echo(f"  indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}")

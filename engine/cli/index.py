@@ -18,7 +18,6 @@ from engine.cli.options import (
     model_option,
     pretrained_option,
 )
-from storage import Store
 
 EXIT_DONE = 0  # every file or row was taken
 EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see the list)
@@ -95,7 +94,7 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
         click.echo(TINY_NOTE, err=True)
     options = IndexOptions(batch_size=batch_size, workers=workers, remove_missing=remove_missing,
                            index_type=index_type, progress=progress)
-    with Store.open(home=obj.home) as store:
+    with obj.open_store() as store:
         report = index_paths(store, paths, collection, encoder, options)
     _finish(
         report.to_dict(), as_json,
@@ -123,7 +122,7 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
 
         clipbt import-embeddings ./embeddings --model ViT-B-32 --pretrained openai
     """
-    with Store.open(home=obj.home) as store:
+    with obj.open_store() as store:
         report = import_embeddings(store, directory, collection, model, pretrained)
     _finish(
         report.to_dict(), as_json,
@@ -146,7 +145,7 @@ def export_embeddings_command(obj, directory, collection, shard_size, as_json):
 
         clipbt export-embeddings ./embeddings --collection default
     """
-    with Store.open(home=obj.home) as store:
+    with obj.open_store() as store:
         rows = export_embeddings(store, collection, directory, shard_size)
     _finish({"collection": collection, "rows": rows, "directory": str(directory)}, as_json,
             [f"exported {rows} rows of collection {collection!r} to {directory}"], [])
