@@ -12,7 +12,9 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, disc
 from storage import Collection, ImageRecord, Store
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.5  # the progress bar shows the files read (per file, by every worker) this often
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class IndexOptions:
     remove_missing: bool = False  # mark deleted the collection's images under `paths` whose files are gone
     index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
-    progress: bool = True  # tqdm bar on stderr: files/s and skipped count
+    progress: bool = True  # tqdm bar on stderr: files read (moves per file, every 0.5 s), encoded and skipped counts
 
 
 @dataclass
@@ -77,12 +80,19 @@ class _Files(torch.utils.data.Dataset):
     def __init__(self, files: list[str], known: dict[str, str], encoder: Encoder, max_pixels: int):
         self.files, self.known, self.max_pixels = files, known, max_pixels
         self.preprocess, self.min_side = encoder.preprocess, encoder.image_size
+        self.done = multiprocessing.Value("q", 0)  # files read so far, by every worker: the progress bar's count
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[_Item, torch.Tensor | None]:
-        path = self.files[i]
+        try:
+            return self._read(self.files[i])
+        finally:
+            with self.done.get_lock():
+                self.done.value += 1
+
+    def _read(self, path: str) -> tuple[_Item, torch.Tensor | None]:
         try:
             data = read_bytes(path)
             sha = hashlib.sha256(data).hexdigest()
@@ -120,8 +130,9 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
         live = {image.uri: image.id for image in images}
         known = {image.uri: image.sha256 for image in images}
     workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
+    dataset = _Files(files, known, encoder, options.max_pixels)
     loader = torch.utils.data.DataLoader(
-        _Files(files, known, encoder, options.max_pixels),
+        dataset,
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -129,6 +140,7 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     )
     added: list[int] = []
     bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
+    stop = _follow(bar, dataset.done) if options.progress else None
     batches = iter(loader)
     try:
         while True:
@@ -150,9 +162,11 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
                     records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
                     added += store.add_images(coll.id, records, vectors)
                 report.indexed += len(fresh)
-            bar.update(len(items))
-            bar.set_postfix(skipped=len(report.skipped), refresh=False)
+            bar.set_postfix(encoded=report.indexed, skipped=len(report.skipped), refresh=False)
     finally:
+        if stop is not None:
+            stop.set()
+        bar.n = dataset.done.value
         bar.close()
     if options.remove_missing:
         report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
@@ -174,6 +188,19 @@ def _remove_missing(store: Store, coll: Collection, paths, present: set[str], sk
     gone = [image.id for image in store.images(coll.id)
             if image.uri not in present and under(image.uri, roots) and not under(image.uri, unreadable)]
     return store.mark_deleted(gone) if gone else 0
+
+
+def _follow(bar: tqdm, done, every_s: float = PROGRESS_EVERY_S) -> threading.Event:
+    """Move `bar` to the shared count `done` every `every_s` seconds, in a daemon thread, until the returned event is set."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(every_s):
+            bar.n = done.value
+            bar.refresh()
+
+    threading.Thread(target=run, daemon=True, name="index-progress").start()
+    return stop
 
 
 @contextmanager
