@@ -207,7 +207,7 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
 
 def _without_password(text: str) -> str:
     """`text` with the password of a URL-looking user:password@ part replaced by ***."""
-    return re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", text)
+    return re.sub(r"^((?:[^:/@]*://)?[^/:@]*:)[^@/]*@", r"\1***@", text)
 
 
 def _configure_sqlite(engine: sa.Engine, config: StoreConfig) -> None:
