@@ -20,8 +20,8 @@ from indexer.errors import ModelUnavailableError
 if TYPE_CHECKING:
     import torch
 
-# What `clipbt index` embeds with when no --model is given: a general CLIP (LAION-2B ViT-B/32, the
-# default of rclip; 66.6% zero-shot ImageNet top-1), fetched once from the Hugging Face hub.
+# What `clipbt index` embeds with when no --model is given: a general CLIP (ViT-B/32 trained on
+# LAION-2B; 66.6% zero-shot ImageNet top-1 in open_clip's table), fetched once from the Hugging Face hub.
 GENERAL_MODEL = ("ViT-B-32", "laion2b_s34b_b79k")
 SHIPPED_MODEL = "clipbt-tiny"  # the shipped model's name (indexer.default_model.DEFAULT_MODEL_NAME); offline, world only
 RANDOM = "random"  # `pretrained` value for seeded random weights: for tests and speed benchmarks only

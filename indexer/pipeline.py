@@ -12,9 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -31,7 +29,7 @@ from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, disc
 from storage import Collection, ImageRecord, Store
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 0.5  # the progress bar shows the files read (per file, by every worker) this often
+PROGRESS_EVERY_S = 0.5  # with the progress bar on, encoding reports back at least this often
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class IndexOptions:
     remove_missing: bool = False  # mark deleted the collection's images under `paths` whose files are gone
     index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
-    progress: bool = True  # tqdm bar on stderr: files read (moves per file, every 0.5 s), encoded and skipped counts
+    progress: bool = True  # tqdm bar on stderr, moving every PROGRESS_EVERY_S or so: files/s and skipped count
 
 
 @dataclass
@@ -80,19 +78,12 @@ class _Files(torch.utils.data.Dataset):
     def __init__(self, files: list[str], known: dict[str, str], encoder: Encoder, max_pixels: int):
         self.files, self.known, self.max_pixels = files, known, max_pixels
         self.preprocess, self.min_side = encoder.preprocess, encoder.image_size
-        self.done = multiprocessing.Value("q", 0)  # files read so far, by every worker: the progress bar's count
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[_Item, torch.Tensor | None]:
-        try:
-            return self._read(self.files[i])
-        finally:
-            with self.done.get_lock():
-                self.done.value += 1
-
-    def _read(self, path: str) -> tuple[_Item, torch.Tensor | None]:
+        path = self.files[i]
         try:
             data = read_bytes(path)
             sha = hashlib.sha256(data).hexdigest()
@@ -130,9 +121,8 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
         live = {image.uri: image.id for image in images}
         known = {image.uri: image.sha256 for image in images}
     workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
-    dataset = _Files(files, known, encoder, options.max_pixels)
     loader = torch.utils.data.DataLoader(
-        dataset,
+        _Files(files, known, encoder, options.max_pixels),
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -140,7 +130,7 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     )
     added: list[int] = []
     bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
-    stop = _follow(bar, dataset.done) if options.progress else None
+    pace = _Pace()
     batches = iter(loader)
     try:
         while True:
@@ -152,9 +142,10 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
             fresh = [item for item in items if not item.reason and not item.unchanged]
             report.unchanged += sum(item.unchanged for item in items)
             report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
+            bar.update(len(items) - len(fresh))
             if fresh:
                 with clock("encode"):
-                    vectors = encoder.encode_images(pixels)
+                    vectors = pace.encode(encoder, pixels, bar.update) if options.progress else encoder.encode_images(pixels)
                 with clock("commit"):
                     replaced = [live[item.path] for item in fresh if item.path in live]
                     if replaced:
@@ -162,11 +153,8 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
                     records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
                     added += store.add_images(coll.id, records, vectors)
                 report.indexed += len(fresh)
-            bar.set_postfix(encoded=report.indexed, skipped=len(report.skipped), refresh=False)
+            bar.set_postfix(skipped=len(report.skipped), refresh=False)
     finally:
-        if stop is not None:
-            stop.set()
-        bar.n = dataset.done.value
         bar.close()
     if options.remove_missing:
         report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
@@ -190,17 +178,26 @@ def _remove_missing(store: Store, coll: Collection, paths, present: set[str], sk
     return store.mark_deleted(gone) if gone else 0
 
 
-def _follow(bar: tqdm, done, every_s: float = PROGRESS_EVERY_S) -> threading.Event:
-    """Move `bar` to the shared count `done` every `every_s` seconds, in a daemon thread, until the returned event is set."""
-    stop = threading.Event()
+class _Pace:
+    """Encodes a batch in slices sized so that each takes about PROGRESS_EVERY_S, from the time per
+    image measured so far, so the progress bar moves at least that often even on a slow CPU model."""
 
-    def run():
-        while not stop.wait(every_s):
-            bar.n = done.value
-            bar.refresh()
+    def __init__(self, first: int = 4):
+        self.seconds_per_image: float | None = None
+        self.first = first  # images in the first slice, before any timing
 
-    threading.Thread(target=run, daemon=True, name="index-progress").start()
-    return stop
+    def encode(self, encoder: Encoder, pixels: torch.Tensor, done) -> np.ndarray:
+        """`encoder.encode_images(pixels)` slice by slice, calling done(n) after each slice of n images."""
+        parts, start = [], 0
+        while start < len(pixels):
+            size = self.first if self.seconds_per_image is None else int(PROGRESS_EVERY_S / max(self.seconds_per_image, 1e-9))
+            part = pixels[start:start + max(1, size)]
+            began = time.perf_counter()
+            parts.append(encoder.encode_images(part))
+            self.seconds_per_image = (time.perf_counter() - began) / len(part)
+            start += len(part)
+            done(len(part))
+        return np.concatenate(parts)
 
 
 @contextmanager

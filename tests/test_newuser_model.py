@@ -79,3 +79,16 @@ def test_hub_weights_without_network_fail_within_10_s_with_one_message(tmp_path,
                    "--model clipbt-tiny"):
         assert needed in lines[0], needed
     assert ("HF_HUB_OFFLINE is set" in lines[0]) == offline
+
+
+def test_encoding_in_paced_slices_equals_one_batch_and_reports_every_slice():
+    from indexer_fixtures import tiny_encoder
+
+    from indexer.pipeline import _Pace
+
+    encoder = tiny_encoder()
+    pixels = torch.from_numpy(np.random.default_rng(0).random((21, 3, 32, 32), dtype=np.float32))
+    reported = []
+    sliced = _Pace(first=4).encode(encoder, pixels, reported.append)
+    np.testing.assert_allclose(sliced, encoder.encode_images(pixels), atol=1e-5)
+    assert sum(reported) == 21 and reported[0] == 4 and len(reported) >= 2

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from indexer.embeddings_io import export_embeddings, import_embeddings
 from indexer.vectors.faiss import INDEX_TYPES
 from engine.cli.options import (
     DeferredOptions,
@@ -122,6 +121,8 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
 
         clipbt import-embeddings ./embeddings --model ViT-B-32 --pretrained openai
     """
+    from indexer.embeddings_io import import_embeddings  # pyarrow: imported only by the commands that need it
+
     with obj.open_store() as store:
         report = import_embeddings(store, directory, collection, model, pretrained)
     _finish(
@@ -145,6 +146,8 @@ def export_embeddings_command(obj, directory, collection, shard_size, as_json):
 
         clipbt export-embeddings ./embeddings --collection default
     """
+    from indexer.embeddings_io import export_embeddings
+
     with obj.open_store() as store:
         rows = export_embeddings(store, collection, directory, shard_size)
     _finish({"collection": collection, "rows": rows, "directory": str(directory)}, as_json,

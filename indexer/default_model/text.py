@@ -36,10 +36,8 @@ class Tokenizer:
     """CLIP's BPE tokenizer as open_clip's SimpleTokenizer (clean 'lower', truncation) builds it, returning numpy ids."""
 
     def __init__(self, context_length: int):
-        import ftfy
         import regex
 
-        self._fix_text = ftfy.fix_text
         self.context_length = context_length
         self.byte_encoder = _bytes_to_unicode()
         merges = gzip.open(_bpe_vocab_path()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -75,7 +73,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without start and end tokens."""
-        text = " ".join(html.unescape(html.unescape(self._fix_text(text))).strip().split()).lower()
+        if not (text.isascii() and text.isprintable() and "&" not in text):
+            # ftfy and HTML unescaping leave printable ASCII without entities as it is: skip importing ftfy then
+            import ftfy
+
+            text = html.unescape(html.unescape(ftfy.fix_text(text)))
+        text = " ".join(text.strip().split()).lower()
         ids = []
         for token in self.pattern.findall(text):
             token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
