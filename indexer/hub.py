@@ -89,8 +89,8 @@ def offline_message(weights: HubWeights, reason: str) -> str:
         f"fetch them with `python -c \"import open_clip; open_clip.create_model_and_transforms("
         f"'{weights.model}', pretrained='{weights.tag}')\"` (repository {weights.repo_id}) and copy that "
         "cache folder here (or point HF_HUB_CACHE at it); HF_HUB_OFFLINE=1 makes clipbt use the cache "
-        "without trying the network. Offline right now: --model clipbt-tiny, the shipped model (it knows "
-        "only clipbt's generated world of shapes, not photos)"
+        "without trying the network. Offline right now: --pretrained PATH to a checkpoint file you have, or "
+        "--model clipbt-tiny, the shipped model (it knows only clipbt's generated world of shapes, not photos)"
     )
 
 
