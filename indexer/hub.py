@@ -60,7 +60,7 @@ def unreachable_reason(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     endpoint = constants.ENDPOINT
     outcome: list[str | None] = []
