@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from indexer.world import FEATURE_NAMES, LABELS_FILE, Attributes, SimulatedUser, read_collection, write_collection
-from storage import Store
+from storage import Store, StoreConfig
 
 if TYPE_CHECKING:
     from engine.search import Hit
@@ -61,8 +61,9 @@ def matches_taste(attrs: Attributes) -> bool:
 
 
 def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print,
-             progress: bool = True) -> DemoResult:
-    """Generate, index, search, collect `config.questions` answers from the demo user, search again."""
+             progress: bool = True, db: str | None = None) -> DemoResult:
+    """Generate, index, search, collect `config.questions` answers from the demo user, search again.
+    db: the store's URL (default: SQLite in `home`); images and index files stay under `home`."""
     folder = home / DEMO_COLLECTION / "images"
     labels = folder / LABELS_FILE
     if not labels.is_file() or len(labels.read_text().splitlines()) != config.images:
@@ -73,7 +74,7 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
     from engine.search import Engine  # the engine and the indexer pull in torch and open_clip
     from indexer.pipeline import index_paths
 
-    with Store.open(home=home) as store:
+    with Store.open(db, home=home, config=StoreConfig(index_dir=home / "indexes")) as store:
         echo("Indexing with the default model ...")
         report = index_paths(store, [folder], collection=DEMO_COLLECTION, progress=progress)
         echo(f"  indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}")
@@ -106,10 +107,39 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
     echo(_table(after, truth))
     echo(f"\nShare of the top {config.k} matching the taste (outlined shapes): "
          f"before {result.share_before:.0%}, after {result.share_after:.0%}")
-    contact_sheet(before, after, truth, result.contact_sheet)
+    contact_sheet(before, after, truth, result.contact_sheet,
+                  title=(f'"{config.query}": top {config.k} before and after {DEMO_USER} answered {len(asked)} questions',
+                         f"{DEMO_USER}'s hidden taste: outlined shapes over filled ones, sharp images over "
+                         f"blurred or noisy ones ({user.describe()})"))
     echo(f"Contact sheet: {result.contact_sheet}")
-    echo(f'Next: clipbt search "a blue star" --collection {DEMO_COLLECTION} --user {DEMO_USER}')
+    echo(f'Next: {clipbt_command(home, db)} search "a blue star" --collection {DEMO_COLLECTION} --user {DEMO_USER}')
     return result
+
+
+def clipbt_command(home: Path, db: str | None = None) -> str:
+    """How to run `clipbt` again from this shell: its name if it is on PATH, else the path of the one
+    beside this Python (the virtual environment's); with --home / --db when they differ from the defaults."""
+    import shlex
+    import shutil
+    import sys
+
+    from storage.home import data_home
+
+    beside = Path(sys.executable).parent / "clipbt"
+    on_path = shutil.which("clipbt")
+    if on_path and (not beside.exists() or Path(on_path).resolve() == beside.resolve()):
+        command = "clipbt"
+    elif beside.exists():
+        command = os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") else str(beside)
+    else:
+        command = f"{shlex.quote(sys.executable)} -m engine.cli"
+    if Path(home).resolve() != data_home().resolve():
+        command += f" --home {shlex.quote(str(home))}"
+    if db and db != os.environ.get("CLIPBT_DATABASE_URL"):
+        import sqlalchemy as sa
+
+        command += f" --db {shlex.quote(sa.make_url(db).render_as_string(hide_password=True))}"
+    return command
 
 
 def _questions(n: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -133,22 +163,49 @@ def _table(hits: list[Hit], truth: dict[str, Attributes]) -> str:
     return "\n".join(lines)
 
 
+def taste_frame(attrs: Attributes) -> str:
+    """The frame colour of an image for the demo user's whole taste: green outlined and sharp (all of
+    it), orange outlined but blurred or noisy (part of it), red filled (the strongest dislike)."""
+    if attrs.filled:
+        return "red"
+    return "orange" if attrs.quality in ("blur", "noise") else "green"
+
+
+_LEGEND = (("green", "outlined and sharp: the whole taste"),
+           ("orange", "outlined but blurred or noisy: part of it"),
+           ("red", "filled: disliked"))
+
+
 def contact_sheet(before: list[Hit], after: list[Hit], truth: dict[str, Attributes], out: Path,
-                  thumb: int = 96) -> Path:
-    """A PNG with the `before` results on the top row and `after` below; a green frame marks a taste match."""
-    label_width, pad = 70, 6
+                  thumb: int = 96, title: Sequence[str] = ()) -> Path:
+    """A PNG that reads on its own: `title` lines, the `before` results on the top row and `after`
+    below (labelled), each framed by `taste_frame`, and a legend of the frames."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(14)
+    label_width, pad, line = 70, 6, 20
     columns = max(len(before), len(after))
-    sheet = Image.new("RGB", (label_width + columns * (thumb + pad) + pad, 2 * (thumb + pad) + pad), "white")
+    width = max(label_width + columns * (thumb + pad) + pad, 760)
+    top_rows = pad + line * len(title) + (pad if title else 0)
+    legend_top = top_rows + 2 * (thumb + pad) + pad
+    sheet = Image.new("RGB", (width, legend_top + line + pad), "white")
     draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(title):
+        draw.text((pad, pad + i * line), text, fill="black", font=font)
     for row, (name, hits) in enumerate((("before", before), ("after", after))):
-        top = pad + row * (thumb + pad)
-        draw.text((pad, top + thumb // 2 - 6), name, fill="black")
+        top = top_rows + row * (thumb + pad)
+        draw.text((pad, top + thumb // 2 - 8), name, fill="black", font=font)
         for col, hit in enumerate(hits):
             left = label_width + pad + col * (thumb + pad)
             with Image.open(hit.path) as img:
                 sheet.paste(img.convert("RGB").resize((thumb, thumb), Image.Resampling.NEAREST), (left, top))
-            colour = "green" if matches_taste(truth[hit.path]) else "red"
-            draw.rectangle((left - 2, top - 2, left + thumb + 1, top + thumb + 1), outline=colour, width=2)
+            colour = taste_frame(truth[hit.path])
+            draw.rectangle((left - 2, top - 2, left + thumb + 1, top + thumb + 1), outline=colour, width=3)
+    left = pad
+    for colour, text in _LEGEND:
+        draw.rectangle((left, legend_top + 3, left + 12, legend_top + 15), outline=colour, width=3)
+        draw.text((left + 18, legend_top), text, fill="black", font=font)
+        left += 24 + int(draw.textlength(text, font=font))
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out

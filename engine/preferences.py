@@ -41,8 +41,8 @@ def record_feedback(store: Store, collection: str | int | Collection, user: str,
     return store.add_feedback(user, query, _image_ids(store, collection, good), _image_ids(store, collection, bad))
 
 
-def export_preferences(store: Store, user: str | None = None) -> Iterator[dict]:
-    """Every stored preference of `user` (or of every user), oldest first per user, as records:
+def export_preferences(store: Store, user: str | None = None, collection: str | None = None) -> Iterator[dict]:
+    """Every stored preference of `user` (or of every user) in `collection` (or in all), oldest first per user, as records:
 
     {"kind": "pair", "user", "collection", "query", "preferred", "rejected", "weight", "source", "created"}
     {"kind": "ranking", ..., "images": [best first]}   {"kind": "feedback", ..., "good": [...], "bad": [...]}
@@ -51,6 +51,7 @@ def export_preferences(store: Store, user: str | None = None) -> Iterator[dict]:
     Pairs implied by rankings and feedback are not repeated.
     """
     names = {c.id: c.name for c in store.collections()}
+    only = None if collection is None else store.collection(collection).id
     uris: dict[int, dict[int, str]] = {}
 
     def uri(collection_id: int, image_id: int) -> str:
@@ -76,12 +77,14 @@ def export_preferences(store: Store, user: str | None = None) -> Iterator[dict]:
                 "kind": "feedback", "user": name, "collection": names[f.collection_id], "query": f.query,
                 "good": [uri(f.collection_id, i) for i in f.good_ids], "bad": [uri(f.collection_id, i) for i in f.bad_ids],
                 "source": f.source, "created": f.created.isoformat()}))
+        records = [r for r in records if only is None or r[1]["collection"] == names[only]]
         yield from (record for _, record in sorted(records, key=lambda r: r[0]))
 
 
-def import_preferences(store: Store, lines: Iterable[str]) -> dict[str, int]:
+def import_preferences(store: Store, lines: Iterable[str], collection: str | None = None) -> dict[str, int]:
     """Add the records of `export_preferences` (one JSON object per line; blank lines skipped),
-    resolving image paths in the named collection. Returns how many of each kind were read.
+    resolving image paths in the named collection, or in `collection` when given (a copy of the
+    preferences for another collection of the same files). Returns how many of each kind were read.
     Stored anew: `created` becomes the import time; a record equal to the user's last one is
     not duplicated (see `Store.add_pair`)."""
     counts = {"pair": 0, "ranking": 0, "feedback": 0}
@@ -91,16 +94,16 @@ def import_preferences(store: Store, lines: Iterable[str]) -> dict[str, int]:
         try:
             record = json.loads(line)
             kind, user, query = record["kind"], record["user"], record["query"]
-            collection = store.collection(record["collection"])
+            target = store.collection(record["collection"] if collection is None else collection)
             source = record.get("source", kind)
 
             if kind == "pair":
-                preferred, rejected = _image_ids(store, collection, [record["preferred"], record["rejected"]])
+                preferred, rejected = _image_ids(store, target, [record["preferred"], record["rejected"]])
                 store.add_pair(user, query, preferred, rejected, record.get("weight", 1.0), source)
             elif kind == "ranking":
-                store.add_ranking(user, query, _image_ids(store, collection, record["images"]), source)
+                store.add_ranking(user, query, _image_ids(store, target, record["images"]), source)
             elif kind == "feedback":
-                good, bad = _image_ids(store, collection, record["good"]), _image_ids(store, collection, record["bad"])
+                good, bad = _image_ids(store, target, record["good"]), _image_ids(store, target, record["bad"])
                 store.add_feedback(user, query, good, bad, source)
             else:
                 raise PreferenceRecordError(f"line {number}: unknown kind {kind!r} (pair, ranking or feedback)")

@@ -487,12 +487,11 @@ def _direct_comparisons(candidates: np.ndarray, context) -> list[tuple[np.ndarra
 
 def _load_encoder(collection: Collection):
     """The encoder that embedded `collection`, found from its recorded model identity."""
-    from indexer import default_model
-    from indexer.encoder import BUNDLED, Encoder
+    from indexer.encoder import BUNDLED, SHIPPED_MODEL, Encoder, TextEncoder
     from indexer.errors import ModelUnavailableError
 
-    if collection.model == default_model.DEFAULT_MODEL_NAME:
-        encoder = Encoder.load()
+    if collection.model == SHIPPED_MODEL:
+        encoder = TextEncoder()  # numpy: a search with the shipped model imports no torch
     elif collection.pretrained == BUNDLED:
         encoder = Encoder.load(collection.model)
     elif collection.pretrained.startswith("sha256:"):

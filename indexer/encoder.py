@@ -1,16 +1,29 @@
-"""The CLIP encoder: loads an open_clip model (name + tag, checkpoint file, or the shipped default) and embeds text and images."""
+"""The CLIP encoder: loads an open_clip model (name + tag, checkpoint file, or the shipped clipbt-tiny) and embeds text and images.
+
+torch and open_clip are imported when a model is loaded, so that a search with the shipped model
+(`TextEncoder`, numpy only) never imports them.
+"""
+
+from __future__ import annotations
 
 import difflib
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from indexer.errors import ModelUnavailableError
 
+if TYPE_CHECKING:
+    import torch
+
+# What `clipbt index` embeds with when no --model is given: a general CLIP (ViT-B/32 trained on
+# LAION-2B; 66.6% zero-shot ImageNet top-1 in open_clip's table), fetched once from the Hugging Face hub.
+GENERAL_MODEL = ("ViT-B-32", "laion2b_s34b_b79k")
+SHIPPED_MODEL = "clipbt-tiny"  # the shipped model's name (indexer.default_model.DEFAULT_MODEL_NAME); offline, world only
 RANDOM = "random"  # `pretrained` value for seeded random weights: for tests and speed benchmarks only
 BUNDLED = "bundled"  # recorded `pretrained` of hf-hub:/local-dir: models, whose name fixes the weights
 _SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that carry their own weights
@@ -27,7 +40,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _options(model: str | None) -> str:
-    if model is None:
+    if model is None or model == SHIPPED_MODEL:
         return "Options: --model NAME with --pretrained TAG (cached) or --pretrained PATH (a checkpoint file)"
     import open_clip
 
@@ -36,7 +49,7 @@ def _options(model: str | None) -> str:
         tags = f" (tags for {model}: {', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'})"
     return (
         f"Options: --pretrained TAG for a tag already in the open_clip/Hugging Face cache{tags}; "
-        "--pretrained PATH to a checkpoint file; or no --model for the shipped default model"
+        f"--pretrained PATH to a checkpoint file; or --model {SHIPPED_MODEL}, the shipped model (offline)"
     )
 
 
@@ -44,11 +57,15 @@ def model_identity(model: str | None, pretrained: str | None) -> tuple[str, str]
     """The (model, pretrained) pair recorded with a collection, resolved without loading weights.
 
     A checkpoint file is recorded by content, as "sha256:<hex>", so moving it keeps the identity and
-    changing it does not. The shipped default model is recorded the same way (its weights file).
+    changing it does not. The shipped model (`model` None or "clipbt-tiny") is recorded the same
+    way (its weights file).
     """
-    if model is None:
+    if model is None or model == SHIPPED_MODEL:
         if pretrained is not None:
-            raise ModelUnavailableError(f"pretrained {pretrained!r} given without a model: name the model too")
+            raise ModelUnavailableError(
+                f"pretrained {pretrained!r} given without a model (or with the shipped {SHIPPED_MODEL}, "
+                "which has its own weights): name the model too"
+            )
         default = _default_model_module()
         try:
             return default.DEFAULT_MODEL_NAME, "sha256:" + file_sha256(default.weights_path())
@@ -67,7 +84,7 @@ def model_identity(model: str | None, pretrained: str | None) -> tuple[str, str]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ModelUnavailableError(
             f"unknown open_clip model {model!r}.{hint} See open_clip.list_models(), "
-            "or use hf-hub:ORG/REPO, local-dir:PATH, or no --model for the shipped default model"
+            f"or use hf-hub:ORG/REPO, local-dir:PATH, or {SHIPPED_MODEL} for the shipped model"
         )
     if pretrained is None:
         raise ModelUnavailableError(f"model {model!r} needs pretrained weights. {_options(model)}; or {RANDOM!r} (untrained)")
@@ -91,6 +108,8 @@ def _default_model_module():
 
 
 def _auto_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,19 +136,31 @@ class Encoder:
     def load(cls, model: str | None = None, pretrained: str | None = None,
              device: str | torch.device | None = None) -> "Encoder":
         """Load `model` with `pretrained` weights (see `model_identity`) on `device` (default: CUDA in
-        float16 when present, else CPU in float32). Raises ModelUnavailableError, never a download traceback."""
+        float16 when present, else CPU in float32). Raises ModelUnavailableError, never a download traceback.
+
+        A hub tag is taken from the local Hugging Face cache without any request when it is there;
+        otherwise the hub must answer within `hub.PROBE_TIMEOUT_S`, or the error says how to get it."""
         import open_clip
+        import torch
+
+        from indexer import hub
 
         name, recorded = model_identity(model, pretrained)
         device = _auto_device(device)
         precision = "fp16" if device.type == "cuda" else "fp32"
-        if model is None:
+        if model is None or model == SHIPPED_MODEL:
             net, preprocess, tokenizer = _default_model_module().load_default_model(device)
             if precision == "fp16":
                 open_clip.convert_weights_to_lp(net, torch.float16)
             return cls(net, preprocess, tokenizer, name, recorded, device)
+        weights = None if recorded != pretrained else hub.hub_weights(model, pretrained)
+        from_cache = weights is not None and hub.cached_file(weights) is not None
+        if weights is not None and not from_cache:
+            reason = hub.unreachable_reason()
+            if reason is not None:
+                raise ModelUnavailableError(hub.offline_message(weights, reason))
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), (hub.offline() if from_cache else nullcontext()):
                 torch.manual_seed(0)  # makes "random" weights one fixed model, so its identity means something
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model,
@@ -149,16 +180,38 @@ class Encoder:
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts: float32 (n, dim), rows of unit norm."""
+        import torch
+
         tokens = self._tokenizer(list(texts)).to(self.device)
         with torch.inference_mode():
             return self._normalised(self._model.encode_text(tokens))
 
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         """Embed a preprocessed batch (n, 3, H, W): float32 (n, dim), rows of unit norm."""
+        import torch
+
         with torch.inference_mode():
             x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
             return self._normalised(self._model.encode_image(x))
 
     @staticmethod
     def _normalised(features: torch.Tensor) -> np.ndarray:
+        import torch.nn.functional as F
+
         return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+class TextEncoder:
+    """The shipped model's text half in numpy (`indexer.default_model.text`): what a search with it
+    needs (`model_name`, `pretrained`, `dim`, `encode_text`), without importing torch or open_clip."""
+
+    def __init__(self):
+        default = _default_model_module()
+        self.model_name, self.pretrained = model_identity(None, None)
+        self._text = default.load_text_encoder()
+        self.dim = self._text.dim
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts: float32 (n, dim), rows of unit norm (equal to `Encoder.encode_text` up to float rounding)."""
+        features = self._text.encode_text(list(texts))
+        return features / np.linalg.norm(features, axis=1, keepdims=True)

@@ -29,6 +29,7 @@ from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, disc
 from storage import Collection, ImageRecord, Store
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.5  # with the progress bar on, encoding reports back at least this often
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class IndexOptions:
     remove_missing: bool = False  # mark deleted the collection's images under `paths` whose files are gone
     index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
-    progress: bool = True  # tqdm bar on stderr: files/s and skipped count
+    progress: bool = True  # tqdm bar on stderr, moving every PROGRESS_EVERY_S or so: files/s and skipped count
 
 
 @dataclass
@@ -134,6 +135,7 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     )
     added: list[int] = []
     bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
+    pace = _Pace()
     batches = iter(loader)
     try:
         while True:
@@ -145,14 +147,14 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
             fresh = [item for item in items if not item.reason and not item.unchanged]
             report.unchanged += sum(item.unchanged for item in items)
             report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
+            bar.update(len(items) - len(fresh))
             if fresh:
                 with clock("encode"):
-                    vectors = encoder.encode_images(pixels)
+                    vectors = pace.encode(encoder, pixels, bar.update) if options.progress else encoder.encode_images(pixels)
                 with clock("commit"):
                     records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
                     added += commit(store, coll, live, records, vectors)
                 report.indexed += len(fresh)
-            bar.update(len(items))
             bar.set_postfix(skipped=len(report.skipped), refresh=False)
     finally:
         bar.close()
@@ -209,6 +211,28 @@ def _remove_missing(store: Store, coll: Collection, paths, present: set[str], sk
     gone = [image.id for image in store.images(coll.id)
             if image.uri not in present and under(image.uri, roots) and not under(image.uri, unreadable)]
     return store.mark_deleted(gone) if gone else 0
+
+
+class _Pace:
+    """Encodes a batch in slices sized so that each takes about PROGRESS_EVERY_S, from the time per
+    image measured so far, so the progress bar moves at least that often even on a slow CPU model."""
+
+    def __init__(self, first: int = 4):
+        self.seconds_per_image: float | None = None
+        self.first = first  # images in the first slice, before any timing
+
+    def encode(self, encoder: Encoder, pixels: torch.Tensor, done) -> np.ndarray:
+        """`encoder.encode_images(pixels)` slice by slice, calling done(n) after each slice of n images."""
+        parts, start = [], 0
+        while start < len(pixels):
+            size = self.first if self.seconds_per_image is None else int(PROGRESS_EVERY_S / max(self.seconds_per_image, 1e-9))
+            part = pixels[start:start + max(1, size)]
+            began = time.perf_counter()
+            parts.append(encoder.encode_images(part))
+            self.seconds_per_image = (time.perf_counter() - began) / len(part)
+            start += len(part)
+            done(len(part))
+        return np.concatenate(parts)
 
 
 @contextmanager

@@ -80,6 +80,58 @@ class CollectionsMixin:
             rows = conn.execute(sa.select(S.collections).order_by(S.collections.c.id)).all()
         return [_collection(r) for r in rows]
 
+    def collection_summaries(self) -> list[dict]:
+        """Every collection in creation order: name, model, pretrained, dim, live images, and users
+        with at least one preference recorded in it."""
+        with self._read() as conn:
+            images = dict(conn.execute(
+                sa.select(S.images.c.collection_id, sa.func.count())
+                .where(S.images.c.deleted == sa.false()).group_by(S.images.c.collection_id)).all())
+            users: dict[int, set[int]] = {}
+            for table in (S.pairs, S.rankings):
+                for cid, uid in conn.execute(sa.select(table.c.collection_id, table.c.user_id).distinct()):
+                    users.setdefault(cid, set()).add(uid)
+            rows = conn.execute(sa.select(S.collections).order_by(S.collections.c.id)).all()
+        return [{"name": r.name, "model": r.model, "pretrained": r.pretrained, "dim": r.dim,
+                 "images": images.get(r.id, 0), "users": len(users.get(r.id, ()))} for r in rows]
+
+    def rename_collection(self, old: str, new: str) -> Collection:
+        """Give collection `old` the name `new`; CollectionExistsError if `new` is taken. Its images,
+        preferences and index files stay as they are (they refer to it by id)."""
+        _check_collection_args(new, "model", "pretrained", 1, "float16")
+        with self._write() as conn:
+            coll = self._collection(conn, old)
+            if conn.execute(sa.select(S.collections.c.id).where(S.collections.c.name == new)).first() is not None:
+                raise CollectionExistsError(f"cannot rename {old!r} to {new!r}: a collection {new!r} exists")
+            conn.execute(S.collections.update().where(S.collections.c.id == coll.id).values(name=new))
+        return dataclasses.replace(coll, name=new)
+
+    def delete_collection(self, name: str) -> dict[str, int]:
+        """Remove collection `name` with its images, embeddings, the preferences recorded in it and
+        its index files (users stay); returns the rows removed per kind."""
+        import shutil
+
+        index_dir = self.collection_index_dir(name)
+        with self._write() as conn:
+            coll = self._collection(conn, name)
+            image_ids = sa.select(S.images.c.id).where(S.images.c.collection_id == coll.id)
+            ranking_ids = sa.select(S.rankings.c.id).where(S.rankings.c.collection_id == coll.id)
+            users = set(conn.execute(sa.select(S.pairs.c.user_id).where(S.pairs.c.collection_id == coll.id)).scalars())
+            users |= set(conn.execute(sa.select(S.rankings.c.user_id).where(S.rankings.c.collection_id == coll.id)).scalars())
+            kinds = dict(conn.execute(sa.select(S.rankings.c.kind, sa.func.count())
+                                      .where(S.rankings.c.collection_id == coll.id).group_by(S.rankings.c.kind)).all())
+            conn.execute(S.ranking_items.delete().where(S.ranking_items.c.ranking_id.in_(ranking_ids)))
+            conn.execute(S.rankings.delete().where(S.rankings.c.collection_id == coll.id))
+            removed = {"pairs": conn.execute(S.pairs.delete().where(S.pairs.c.collection_id == coll.id)).rowcount,
+                       "rankings": kinds.get("ranking", 0), "feedback": kinds.get("feedback", 0)}
+            conn.execute(S.embeddings.delete().where(S.embeddings.c.image_id.in_(image_ids)))
+            removed["images"] = conn.execute(S.images.delete().where(S.images.c.collection_id == coll.id)).rowcount
+            conn.execute(S.collections.delete().where(S.collections.c.id == coll.id))
+            if users:
+                _bump(conn, S.users.c.pref_version, sorted(users))  # engines drop the users' cached pairs
+        shutil.rmtree(index_dir, ignore_errors=True)
+        return removed
+
     def _insert_collection(self, conn, name, model, pretrained, dim, embedding_dtype, checkpoint_path) -> Collection:
         cid = conn.execute(
             S.collections.insert()

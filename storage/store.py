@@ -1,5 +1,6 @@
 """The Store: opening a SQL database (SQLite or PostgreSQL), its schema and transactions; its parts live in collections.py, preferences.py and consistency.py."""
 
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,8 +81,11 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
             url = sa.URL.create("sqlite", database=str(data_home(home) / DB_FILENAME))
         try:
             url = sa.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise StoreError(f"not a database URL: {url!r}") from exc
+        except sa.exc.ArgumentError:
+            raise StoreError(
+                f"not a database URL: {_without_password(str(url))!r}; expected sqlite:///PATH or "
+                "postgresql://USER@HOST/DBNAME"
+            ) from None
         if url.drivername == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
         shown = url.render_as_string(hide_password=True)
@@ -100,8 +104,12 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
             index_root = Path(url.database).parent / "indexes"
         else:
             index_root = data_home(home) / "indexes"
+        connect_args = {}
+        if backend == "postgresql" and "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = 10  # an unreachable server fails in seconds, not minutes
         try:
-            engine = sa.create_engine(url, echo=config.echo, pool_pre_ping=backend != "sqlite")
+            engine = sa.create_engine(url, echo=config.echo, pool_pre_ping=backend != "sqlite",
+                                      connect_args=connect_args)
         except ImportError as exc:
             raise StoreError(
                 f"cannot open {shown!r}: {exc}; install the driver: pip install 'psycopg[binary]'"
@@ -113,7 +121,11 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
             store._init_schema()
         except sa.exc.OperationalError as exc:
             engine.dispose()
-            raise StoreError(f"cannot open store {shown!r}: {exc.orig}") from exc
+            where = f"the server at {url.host or 'localhost'}:{url.port or 5432}" if backend == "postgresql" else "the file"
+            reason = " ".join(str(exc.orig).split())
+            if url.password:
+                reason = reason.replace(str(url.password), "***")
+            raise StoreError(f"cannot open store {shown!r} ({where}): {reason}") from None
         except BaseException:
             engine.dispose()
             raise
@@ -192,6 +204,11 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
     def collection_index_dir(self, collection: int | str | Collection) -> Path:
         """The folder of a collection's saved vector index (`indexer.vectors.collection`)."""
         return self.index_dir / f"collection-{self.collection(collection).id}"
+
+def _without_password(text: str) -> str:
+    """`text` with the password of a URL-looking user:password@ part replaced by ***."""
+    return re.sub(r"^((?:[^:/@]*://)?[^/:@]*:)[^@/]*@", r"\1***@", text)
+
 
 def _configure_sqlite(engine: sa.Engine, config: StoreConfig) -> None:
     @sa.event.listens_for(engine, "connect")

@@ -73,7 +73,7 @@ def staged_files(home: Path) -> list[Path]:
 def test_ray_cli_gives_the_local_collection_and_a_rerun_embeds_nothing(ray_address, photos, local, tmp_path):
     local_report, want = local
     home = tmp_path / "home"
-    args = ["--home", str(home), "index", str(photos), "--executor", "ray", "--batch-size", str(BATCH),
+    args = ["--home", str(home), "index", str(photos), "--model", "clipbt-tiny", "--executor", "ray", "--batch-size", str(BATCH),
             "--no-progress", "--json"]
     result = CliRunner().invoke(main, [*args, "--workers", "2"])
     assert result.exit_code == 3, result.output  # done, with the bad files skipped

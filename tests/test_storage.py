@@ -13,7 +13,6 @@ from storage.errors import (
     CollectionMismatchError,
     DuplicateImageError,
     ForeignImageError,
-    InvalidIndexError,
     InvalidPreferenceError,
     InvalidRecordError,
     UnknownCollectionError,

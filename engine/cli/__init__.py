@@ -12,12 +12,21 @@ from engine.demo import DemoConfig, run_demo
 from storage.errors import ClipbtError
 from storage.home import ENV_VAR, data_home
 
+DB_ENV_VAR = "CLIPBT_DATABASE_URL"
+
 
 @dataclass
 class CliContext:
     """What every command receives through `@click.pass_obj`."""
 
-    home: Path  # the data home ($CLIPBT_HOME or --home)
+    home: Path  # the data home ($CLIPBT_HOME or --home): the SQLite file by default, and the index files
+    db: str | None = None  # SQLAlchemy URL of the store ($CLIPBT_DATABASE_URL or --db); None: SQLite in `home`
+
+    def open_store(self):
+        """The Store every command uses (a context manager): `db`, or the SQLite file in the data home."""
+        from storage import Store, StoreConfig
+
+        return Store.open(self.db, home=self.home, config=StoreConfig(index_dir=self.home / "indexes"))
 
 
 class _TranslatingGroup(click.Group):
@@ -37,16 +46,23 @@ class _TranslatingGroup(click.Group):
     type=click.Path(file_okay=False, path_type=Path),
     help=f"Data home (default: ${ENV_VAR}, else ~/.local/share/clipbt).",
 )
+@click.option(
+    "--db",
+    envvar=DB_ENV_VAR,
+    metavar="URL",
+    help=f"Database URL (default: ${DB_ENV_VAR}, else SQLite in the data home), e.g. "
+         "postgresql://user@host/clipbt or sqlite:////path/clipbt.db. Index files stay in the data home.",
+)
 @click.version_option(package_name="clipbt")
 @click.pass_context
-def main(ctx: click.Context, home: Path | None) -> None:
+def main(ctx: click.Context, home: Path | None, db: str | None) -> None:
     """clipbt: personalized CLIP image search with Bradley-Terry preference adaptation.
 
     Example:
 
         clipbt demo
     """
-    ctx.obj = CliContext(home=data_home(home))
+    ctx.obj = CliContext(home=data_home(home), db=db or None)
 
 
 @main.command()
@@ -67,7 +83,7 @@ def demo(obj: CliContext, images: int, query: str, questions: int) -> None:
 
         clipbt demo --images 2000 --query "a red circle"
     """
-    run_demo(obj.home, DemoConfig(images=images, query=query, questions=questions), echo=click.echo)
+    run_demo(obj.home, DemoConfig(images=images, query=query, questions=questions), echo=click.echo, db=obj.db)
 
 
 from engine.cli.bench import bench  # noqa: E402
@@ -83,3 +99,7 @@ from engine.cli.query import COMMANDS as _QUERY_COMMANDS  # noqa: E402
 
 for _command in _QUERY_COMMANDS:
     main.add_command(_command)
+
+from engine.cli.collections import collections  # noqa: E402
+
+main.add_command(collections)

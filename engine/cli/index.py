@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from indexer.embeddings_io import export_embeddings, import_embeddings
 from indexer.vectors.faiss import INDEX_TYPES
 from engine.cli.options import (
     DeferredOptions,
@@ -18,7 +17,6 @@ from engine.cli.options import (
     model_option,
     pretrained_option,
 )
-from storage import Store
 
 EXIT_DONE = 0  # every file or row was taken
 EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see the list)
@@ -28,6 +26,20 @@ def _batch_size_option() -> list[click.Parameter]:
 
     return [click.Option(["--batch-size"], default=IndexOptions.batch_size, show_default=True, type=click.IntRange(1),
                          help="Images per encoder batch and per commit.")]
+
+
+TINY_NOTE = (
+    "note: clipbt-tiny, the shipped model, was trained only on clipbt's generated world of coloured "
+    "shapes; on photos its results mean little. For your own images use the default model (no --model: "
+    "ViT-B-32, laion2b_s34b_b79k) or another open_clip model."
+)
+
+
+def _is_world_folder(path: Path) -> bool:
+    """A folder written by `indexer.world.write_collection` (it holds the world's labels file)."""
+    from indexer.world import LABELS_FILE
+
+    return (path / LABELS_FILE).is_file()
 
 
 def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str]) -> None:
@@ -67,6 +79,10 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
                   remove_missing, progress, executor, ray_address, gpus_per_worker, as_json):
     """Embed the images under PATHS (folders walked recursively) into a collection and its FAISS index.
 
+    The default model is ViT-B-32 with LAION-2B weights (laion2b_s34b_b79k), downloaded once into
+    the Hugging Face cache. `--model clipbt-tiny` is the shipped offline model, which knows only
+    clipbt's generated world (the demo and the tests).
+
     Only new and changed files (by content hash) are encoded; a rerun after an interruption
     resumes. Bad files (corrupt, truncated, empty, not images, decompression bombs) are skipped
     and listed. Exit status 0: done; 3: done with skips; 1: error.
@@ -77,9 +93,11 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
         clipbt index /data/photos --executor ray --ray-address ray://head:10001
     """
-    from indexer.encoder import Encoder
+    from indexer.encoder import GENERAL_MODEL, SHIPPED_MODEL, Encoder
     from indexer.pipeline import IndexOptions, index_paths
 
+    if model is None and pretrained is None:
+        model, pretrained = GENERAL_MODEL
     options = IndexOptions(batch_size=batch_size, workers=workers, remove_missing=remove_missing,
                            index_type=index_type, progress=progress)
     if executor == "ray":
@@ -87,11 +105,13 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
         ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                                  device=device, staging=str(obj.home / "staging"))
-        with Store.open(home=obj.home) as store:
+        with obj.open_store() as store:
             report = index_paths_ray(store, paths, collection, model, pretrained, options, ray_options)
     else:
         encoder = Encoder.load(model, pretrained, device)
-        with Store.open(home=obj.home) as store:
+        if encoder.model_name == SHIPPED_MODEL and not all(_is_world_folder(p) for p in paths):
+            click.echo(TINY_NOTE, err=True)
+        with obj.open_store() as store:
             report = index_paths(store, paths, collection, encoder, options)
     _finish(
         report.to_dict(), as_json,
@@ -119,7 +139,9 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
 
         clipbt import-embeddings ./embeddings --model ViT-B-32 --pretrained openai
     """
-    with Store.open(home=obj.home) as store:
+    from indexer.embeddings_io import import_embeddings  # pyarrow: imported only by the commands that need it
+
+    with obj.open_store() as store:
         report = import_embeddings(store, directory, collection, model, pretrained)
     _finish(
         report.to_dict(), as_json,
@@ -142,7 +164,9 @@ def export_embeddings_command(obj, directory, collection, shard_size, as_json):
 
         clipbt export-embeddings ./embeddings --collection default
     """
-    with Store.open(home=obj.home) as store:
+    from indexer.embeddings_io import export_embeddings
+
+    with obj.open_store() as store:
         rows = export_embeddings(store, collection, directory, shard_size)
     _finish({"collection": collection, "rows": rows, "directory": str(directory)}, as_json,
             [f"exported {rows} rows of collection {collection!r} to {directory}"], [])

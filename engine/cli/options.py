@@ -15,7 +15,9 @@ query_option = click.option(
 model_option = click.option(
     "--model",
     default=None,
-    help="open_clip model name (e.g. ViT-L-14), hf-hub:ORG/REPO or local-dir:PATH [default: the shipped model].",
+    help="open_clip model name (e.g. ViT-L-14), hf-hub:ORG/REPO, local-dir:PATH, or clipbt-tiny (the shipped "
+         "offline model, for clipbt's generated world only) [default: ViT-B-32 laion2b_s34b_b79k for index, "
+         "clipbt-tiny elsewhere].",
 )
 pretrained_option = click.option(
     "--pretrained",

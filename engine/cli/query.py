@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,11 +14,10 @@ from engine.preferences import (
     import_preferences,
 )
 from engine.cli.options import DeferredOptions, collection_option, json_option, query_option, user_option
-from storage import Store
 
 @contextmanager
 def _store(obj):
-    with Store.open(home=obj.home) as store:
+    with obj.open_store() as store:
         yield store
 
 
@@ -27,7 +27,7 @@ def _library(obj, config=None):
     from engine.api import Clipbt
     from engine.search import SearchConfig
 
-    with Clipbt(Store.open(home=obj.home), config or SearchConfig()) as clip:
+    with Clipbt(obj.open_store(), config or SearchConfig()) as clip:
         yield clip
 
 
@@ -78,11 +78,44 @@ def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collect
             raise click.ClickException(f"cannot read query vector {str(vector)!r}: {exc}") from None
     with _library(obj, config) as clip:
         hits = clip.search(text, None if no_adapt else user, k, collection, query_vector)
+    _print_hits(obj, hits, collection, None if no_adapt else user, as_json)
+
+
+# -- how search results are printed: missing files marked, a user without preferences noted ------
+
+def _print_hits(obj, hits, collection: str, user: str | None, as_json: bool) -> None:
+    missing = {hit.id for hit in hits if _file_is_gone(hit.path)}
+    if user is not None:
+        _note_user_without_preferences(obj, user, collection)
     if as_json:
-        _print_json([hit.to_dict() for hit in hits])
-        return
-    for hit in hits:
-        click.echo(f"{hit.rank:>3}  {hit.id:>6}  {hit.score:8.4f}  {hit.path}")
+        _print_json([hit.to_dict() | {"missing": hit.id in missing} for hit in hits])
+    else:
+        for hit in hits:
+            mark = "  (missing)" if hit.id in missing else ""
+            click.echo(f"{hit.rank:>3}  {hit.id:>6}  {hit.score:8.4f}  {hit.path}{mark}")
+    if missing:
+        click.echo(f"note: {len(missing)} of these files are gone; drop them from the collection with "
+                   f"`clipbt index FOLDER --remove-missing --collection {collection}`", err=True)
+
+
+def _file_is_gone(uri: str) -> bool:
+    """A local path (not a URL) that no longer exists."""
+    return "://" not in uri and not os.path.exists(uri)
+
+
+def _note_user_without_preferences(obj, user: str, collection: str) -> None:
+    """Say on stderr when `user` has no preference in `collection`: the results are the plain search's."""
+    import difflib
+
+    with _store(obj) as store:
+        known = store.users()
+        if user in known and store.pairs(user, collection):
+            return
+    what = "is not a known user" if user not in known else f"has no preferences in collection {collection!r}"
+    close = difflib.get_close_matches(user, known, n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    click.echo(f"note: {user!r} {what}, so these are the plain results{hint}; "
+               f"record some with `clipbt prefer --user {user} ...`", err=True)
 
 
 @click.command()
@@ -211,9 +244,10 @@ def prefs_list(obj, user, as_json):
 
 @prefs.command("export")
 @click.option("--user", "-u", help="Only this user (default: everyone).")
+@click.option("--collection", "-c", help="Only preferences recorded in this collection (default: all).")
 @click.option("--output", "-o", type=click.File("w"), default="-", help="File to write (default: stdout).")
 @click.pass_obj
-def prefs_export(obj, user, output):
+def prefs_export(obj, user, collection, output):
     """Write preferences as JSON lines, images named by path.
 
     Example:
@@ -221,23 +255,25 @@ def prefs_export(obj, user, output):
         clipbt prefs export --user ann -o ann.jsonl
     """
     with _store(obj) as store:
-        for record in export_preferences(store, user):
+        for record in export_preferences(store, user, collection):
             output.write(json.dumps(record) + "\n")
 
 
 @prefs.command("import")
 @click.argument("file", type=click.File("r"))
+@click.option("--collection", "-c",
+              help="Record them in this collection, images matched by path (default: the collection each names).")
 @json_option
 @click.pass_obj
-def prefs_import(obj, file, as_json):
+def prefs_import(obj, file, collection, as_json):
     """Read preferences from JSON lines written by `prefs export` (- for stdin).
 
     Example:
 
-        clipbt prefs import ann.jsonl
+        clipbt prefs export --collection a | clipbt prefs import --collection b -
     """
     with _store(obj) as store:
-        counts = import_preferences(store, file)
+        counts = import_preferences(store, file, collection)
     if as_json:
         _print_json(counts)
     else:
