@@ -226,11 +226,13 @@ def prefs_export(obj, user, output):
 
 
 @prefs.command("import")
-@click.argument("file", type=click.File("r"))
+@click.argument("file", type=click.File("rb"))
 @json_option
 @click.pass_obj
 def prefs_import(obj, file, as_json):
-    """Read preferences from JSON lines written by `prefs export` (- for stdin).
+    """Read preferences from JSON lines written by `prefs export` (- for stdin), all or nothing:
+    every bad line is reported and then nothing is stored. Records already stored are counted as
+    present, not stored twice, so importing a file again changes nothing.
 
     Example:
 
@@ -241,7 +243,8 @@ def prefs_import(obj, file, as_json):
     if as_json:
         _print_json(counts)
     else:
-        click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + " imported")
+        for state, label in (("new", "imported"), ("present", "already present")):
+            click.echo(f"{label}: " + ", ".join(f"{n} {kind}" for kind, n in counts[state].items()))
 
 
 @click.group(invoke_without_command=True)
