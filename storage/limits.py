@@ -31,6 +31,7 @@ class Limits:
 
 LIMITS = Limits()
 INT64_MAX = 2**63 - 1
+MAX_STORED_ID = 2**31 - 1  # images.id is an INTEGER column: int4 on PostgreSQL, so no id is larger
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts superscripts and other scripts
 
 

@@ -339,16 +339,23 @@ class PreferencesMixin:
         user: str,
         collection_id: int | str | Collection | None = None,
         query: str | None = None,
+        after: tuple[int, int] | None = None,
     ) -> list[PreferencePair]:
         """Every preference pair of `user`, oldest first: stored pairs (with their id) and the
-        pairs implied by rankings and feedback (id None, ranking_id set, weight 1 each)."""
+        pairs implied by rankings and feedback (id None, ranking_id set, weight 1 each).
+
+        after: (pair id, ranking id): only pairs stored after the pair and the ranking of these
+        ids (records are only ever appended, so this is what a reader holding the earlier ones lacks).
+        """
         with self._read() as conn:
             params = {"uid": self._user_id(conn, user, create=False)}
             if collection_id is not None:
                 params["cid"] = self._collection(conn, collection_id).id
             if query is not None:
                 params["query"] = query.strip()
-            stored, implied = _pair_selects("cid" in params, "query" in params)
+            if after is not None:
+                params["after_pair"], params["after_ranking"] = (int(v) for v in after)
+            stored, implied = _pair_selects("cid" in params, "query" in params, after is not None)
             out = [
                 PreferencePair(
                     p.id,
@@ -481,9 +488,10 @@ class PreferencesMixin:
 
 
 @functools.cache
-def _pair_selects(by_collection: bool, by_query: bool) -> tuple[sa.Select, sa.Select]:
-    """`Store.pairs`' two SELECTs (stored pairs; pairs implied by rankings) with bound :uid, :cid
-    and :query, built once per filter combination: building them anew took most of its time."""
+def _pair_selects(by_collection: bool, by_query: bool, by_after: bool = False) -> tuple[sa.Select, sa.Select]:
+    """`Store.pairs`' two SELECTs (stored pairs; pairs implied by rankings) with bound :uid, :cid,
+    :query, :after_pair and :after_ranking, built once per filter combination: building them anew
+    took most of its time."""
     stored = sa.select(S.pairs).where(S.pairs.c.user_id == sa.bindparam("uid")).order_by(S.pairs.c.id)
     a, b = S.ranking_items.alias("a"), S.ranking_items.alias("b")
     r = S.rankings
@@ -508,6 +516,9 @@ def _pair_selects(by_collection: bool, by_query: bool) -> tuple[sa.Select, sa.Se
     if by_query:
         stored = stored.where(S.pairs.c.query == sa.bindparam("query"))
         implied = implied.where(r.c.query == sa.bindparam("query"))
+    if by_after:
+        stored = stored.where(S.pairs.c.id > sa.bindparam("after_pair"))
+        implied = implied.where(r.c.id > sa.bindparam("after_ranking"))
     return stored, implied
 
 
