@@ -189,6 +189,7 @@ class Engine:
         self._paths = _LRU(config.path_cache_size)  # image id -> uri, filled as hits are returned
         self._load_lock = threading.Lock()  # one thread loads the encoder or a new index at a time
         self.index_loads = 0  # how many times an index was loaded (or rebuilt)
+        self.index_updates = 0  # how many times the loaded index was caught up with added or deleted images
 
     @classmethod
     def open(cls, store: Store, collection: str = "default", config: SearchConfig = SearchConfig(),
@@ -211,18 +212,24 @@ class Engine:
     @property
     def index(self):
         """The collection's vector index (`indexer.vectors.VectorIndex`), loaded on first use and
-        again once images have been added or deleted since (by any process: one cheap SELECT)."""
+        caught up once images have been added or deleted since (by any process: one cheap SELECT
+        notices): the new images are added to a copy of the loaded index, or, when that does not
+        fit (`indexer.vectors.collection.catch_up`), the index is opened again."""
         if self._index_given:
             return self._index
         version = self.store.content_version(self.collection.id)
         if self._index is None or version != self._index_version:
             with self._load_lock:
                 if self._index is None or version != self._index_version:
-                    from indexer.vectors.collection import open_index
+                    from indexer.vectors.collection import catch_up, open_index
 
-                    self._index = open_index(self.store, self.collection)
-                    self._index_version = version
-                    self.index_loads += 1
+                    index = None if self._index is None else catch_up(self.store, self.collection, self._index)
+                    if index is None:
+                        index = open_index(self.store, self.collection)
+                        self.index_loads += 1
+                    else:
+                        self.index_updates += 1
+                    self._index, self._index_version = index, version
         return self._index
 
     # -- query embeddings --------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 
 from indexer.encoder import Encoder
@@ -106,6 +107,7 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     encoder: default `Encoder.load()` (the shipped model). options: IndexOptions, any field of
     which may also be passed by keyword (`remove_missing=True`). The collection records the
     encoder's model identity; CollectionMismatchError if it was made with another model.
+    Two runs on one collection at once take turns (a file lock beside its index).
     """
     options = dataclasses.replace(options or IndexOptions(), **overrides)
     encoder = encoder or Encoder.load()
@@ -114,50 +116,55 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     clock = functools.partial(_timed, report.seconds)
     coll = store.get_or_create_collection(collection, encoder.model_name, encoder.pretrained, encoder.dim,
                                           checkpoint_path=encoder.checkpoint_path)
-    with clock("discover"):
-        files, report.skipped = discover(paths)
-        images = store.images(coll.id)
-        live = {image.uri: image.id for image in images}
-        known = {image.uri: image.sha256 for image in images}
-    workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
-    loader = torch.utils.data.DataLoader(
-        _Files(files, known, encoder, options.max_pixels),
-        batch_size=options.batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=encoder.device.type == "cuda",
-    )
-    added: list[int] = []
-    bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
-    batches = iter(loader)
-    try:
-        while True:
-            with clock("read+decode (wait)"):
-                batch = next(batches, None)
-            if batch is None:
-                break
-            items, pixels = batch
-            fresh = [item for item in items if not item.reason and not item.unchanged]
-            report.unchanged += sum(item.unchanged for item in items)
-            report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
-            if fresh:
-                with clock("encode"):
-                    vectors = encoder.encode_images(pixels)
-                with clock("commit"):
-                    replaced = [live[item.path] for item in fresh if item.path in live]
-                    if replaced:
-                        store.mark_deleted(replaced)
-                    records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
-                    added += store.add_images(coll.id, records, vectors)
-                report.indexed += len(fresh)
-            bar.update(len(items))
-            bar.set_postfix(skipped=len(report.skipped), refresh=False)
-    finally:
-        bar.close()
-    if options.remove_missing:
-        report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
-    with clock("vector index"):
-        refresh(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
+    # Runs on one collection take turns: a second run started during the first waits, then finds
+    # the files the first one added unchanged (instead of failing on their uris).
+    lock_dir = store.collection_index_dir(coll)
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / ".indexing.lock")):
+        with clock("discover"):
+            files, report.skipped = discover(paths)
+            images = store.images(coll.id)
+            live = {image.uri: image.id for image in images}
+            known = {image.uri: image.sha256 for image in images}
+        workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
+        loader = torch.utils.data.DataLoader(
+            _Files(files, known, encoder, options.max_pixels),
+            batch_size=options.batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=encoder.device.type == "cuda",
+        )
+        added: list[int] = []
+        bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
+        batches = iter(loader)
+        try:
+            while True:
+                with clock("read+decode (wait)"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                items, pixels = batch
+                fresh = [item for item in items if not item.reason and not item.unchanged]
+                report.unchanged += sum(item.unchanged for item in items)
+                report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
+                if fresh:
+                    with clock("encode"):
+                        vectors = encoder.encode_images(pixels)
+                    with clock("commit"):
+                        replaced = [live[item.path] for item in fresh if item.path in live]
+                        if replaced:
+                            store.mark_deleted(replaced)
+                        records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
+                        added += store.add_images(coll.id, records, vectors)
+                    report.indexed += len(fresh)
+                bar.update(len(items))
+                bar.set_postfix(skipped=len(report.skipped), refresh=False)
+        finally:
+            bar.close()
+        if options.remove_missing:
+            report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
+        with clock("vector index"):
+            refresh(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
     report.skipped.sort(key=lambda s: s.path)
     log.info("indexed %s: %s", collection, ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
     return report

@@ -10,7 +10,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from storage import _schema as S
 from storage.errors import (
     InvalidPreferenceError,
-    InvalidUserError,
     UnknownUserError,
 )
 from storage._sql import _bump, _chunks, _now, _utc
