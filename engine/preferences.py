@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from storage import Collection, PreferenceRecord, Store
 from storage.errors import ClipbtError, EmptyCollectionError, InvalidPreferenceError
-from storage.limits import LIMITS, check_query_text, check_text, normalize_user
+from storage.limits import LIMITS, check_preference_size, check_query_text, check_text, normalize_user
 
 
 class PreferenceRecordError(ClipbtError, ValueError):
@@ -34,12 +34,14 @@ def record_pair(store: Store, collection: str | int | Collection, user: str, que
 def record_ranking(store: Store, collection: str | int | Collection, user: str, query: str,
                    images: Sequence[int | str]) -> int:
     """Record `user`'s full ranking of images for `query`, best first; returns its id."""
+    check_preference_size("ranking", len(images))
     return store.add_ranking(user, query, _image_ids(store, collection, images))
 
 
 def record_feedback(store: Store, collection: str | int | Collection, user: str, query: str,
                     good: Sequence[int | str], bad: Sequence[int | str]) -> int:
     """Record thumbs up (`good`) and down (`bad`) for `query`, every good over every bad; returns its id."""
+    check_preference_size("feedback", len(good), len(bad))
     return store.add_feedback(user, query, _image_ids(store, collection, good), _image_ids(store, collection, bad))
 
 
@@ -195,12 +197,14 @@ def _check_items(kind: str, items: tuple[tuple[int, int], ...]) -> None:
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise InvalidPreferenceError(f"images {repeated} appear more than once in the {kind}")
-    if kind == "ranking" and not 2 <= len(ids) <= LIMITS.ranking_max_images:
-        raise InvalidPreferenceError(
-            f"a ranking holds 2 to {LIMITS.ranking_max_images} images, got {len(ids)}")
-    if kind == "feedback" and not 1 <= len(ids) <= LIMITS.feedback_max_images:
-        raise InvalidPreferenceError(
-            f"one feedback marks 1 to {LIMITS.feedback_max_images} images, got {len(ids)}")
+    if kind == "ranking" and len(ids) < 2:
+        raise InvalidPreferenceError(f"a ranking needs at least 2 images, got {ids}")
+    if kind == "feedback" and not ids:
+        raise InvalidPreferenceError("feedback needs at least one good or bad image, got none")
+    if kind == "feedback":
+        check_preference_size(kind, sum(tier == 0 for _, tier in items), sum(tier == 1 for _, tier in items))
+    else:
+        check_preference_size(kind, len(ids))
 
 
 def _json_type(value) -> str:

@@ -28,6 +28,7 @@ from indexer.vectors.collection import refresh
 from indexer.vectors.faiss import check_index_type
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
 from storage import Collection, ImageRecord, Store
+from storage.limits import LIMITS, check_count
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ class IndexOptions:
     index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     progress: bool = True  # tqdm bar on stderr: files/s and skipped count
+
+    def __post_init__(self):
+        check_count(self.batch_size, "batch_size", 1, LIMITS.batch_size_max)
+        if self.workers is not None:
+            check_count(self.workers, "workers", 0, 256)
 
 
 @dataclass

@@ -111,6 +111,22 @@ def is_image_id(ref: str) -> bool:
     return bool(_DIGITS.fullmatch(ref))
 
 
+def check_preference_size(kind: str, n_good: int, n_bad: int = 0) -> None:
+    """InvalidPreferenceError when one ranking (`n_good` images) or one feedback (`n_good` + `n_bad`)
+    names more images than documented: what one record implies stays bounded."""
+    from storage.errors import InvalidPreferenceError
+
+    if kind == "ranking" and n_good > LIMITS.ranking_max_images:
+        raise InvalidPreferenceError(
+            f"a ranking holds at most {LIMITS.ranking_max_images} images, got {n_good}: "
+            "record the top of it, or several rankings"
+        )
+    if kind == "feedback" and n_good + n_bad > LIMITS.feedback_max_images:
+        raise InvalidPreferenceError(
+            f"one feedback marks at most {LIMITS.feedback_max_images} images, got {n_good} good and {n_bad} bad"
+        )
+
+
 def check_count(value, name: str, low: int, high: int) -> int:
     """A whole number low <= value <= high, or LimitError naming the bound."""
     if isinstance(value, bool) or not hasattr(value, "__index__") or not low <= int(value) <= high:

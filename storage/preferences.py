@@ -14,7 +14,7 @@ from storage.errors import (
 )
 from storage._sql import _bump, _chunks, _now, _utc
 from storage.collections import _image_id, _one_collection
-from storage.limits import LIMITS, check_query_text, check_text, normalize_user
+from storage.limits import check_preference_size, check_query_text, check_text, normalize_user
 from storage.records import (
     Collection,
     Feedback,
@@ -162,11 +162,7 @@ class PreferencesMixin:
         ids = [_image_id(i) for i in image_ids]
         if len(ids) < 2:
             raise InvalidPreferenceError(f"a ranking needs at least 2 images, got {ids}")
-        if len(ids) > LIMITS.ranking_max_images:
-            raise InvalidPreferenceError(
-                f"a ranking holds at most {LIMITS.ranking_max_images} images, got {len(ids)}: "
-                "record the top of it, or several rankings"
-            )
+        check_preference_size("ranking", len(ids))
         return self._add_tiers(
             user, query, "ranking", [(i, pos) for pos, i in enumerate(ids)], source
         )
@@ -187,11 +183,7 @@ class PreferencesMixin:
         bad = [_image_id(i) for i in bad_ids]
         if not good and not bad:
             raise InvalidPreferenceError("feedback needs at least one good or bad image, got none")
-        if len(good) + len(bad) > LIMITS.feedback_max_images:
-            raise InvalidPreferenceError(
-                f"one feedback marks at most {LIMITS.feedback_max_images} images, got "
-                f"{len(good)} good and {len(bad)} bad"
-            )
+        check_preference_size("feedback", len(good), len(bad))
         both = sorted(set(good) & set(bad))
         if both:
             raise InvalidPreferenceError(f"images {both} are marked both good and bad")
