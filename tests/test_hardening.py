@@ -535,5 +535,7 @@ def test_home_is_private_and_a_deleted_user_leaves_no_trace(tmp_path):
         store.delete_user("zebediah-secret")
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(home / "clipbt.db").st_mode) == 0o600
+    with Store.open(home=home) as store, store._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1  # set, whatever SQLite's build default
     data = b"".join(p.read_bytes() for p in home.glob("clipbt.db*"))
     assert b"zebediah-secret" not in data and b"a very private query" not in data
