@@ -23,6 +23,7 @@ from PIL import Image as PILImage
 from indexer.errors import EmbeddingsFormatError
 from storage import ImageRecord, Store
 from storage._sql import _SHA256
+from storage.limits import LimitError, check_text
 
 URI_COLUMNS = ("image_path", "url")  # first one present names the image
 _KNOWN_COLUMNS = ("caption", "sha256", "width", "height")
@@ -192,6 +193,12 @@ def _row_problem(vector: np.ndarray, row: dict, uri_column: str) -> str:
     uri = row.get(uri_column)
     if not isinstance(uri, str) or not uri:
         return f"no {uri_column}"
+    for name in (uri_column, "caption"):
+        if isinstance(row.get(name), str):
+            try:
+                check_text(row[name], name)
+            except LimitError as exc:
+                return str(exc)
     return ""
 
 

@@ -22,7 +22,7 @@ from storage.errors import (
     UnknownImageError,
 )
 from storage._sql import _SHA256, EMBEDDING_DTYPES, _bump, _chunks, _now, _utc
-from storage.limits import MAX_STORED_ID, is_image_id, parse_image_id
+from storage.limits import MAX_STORED_ID, LimitError, check_text, is_image_id, parse_image_id
 from storage.records import (
     Collection,
     Image,
@@ -414,6 +414,12 @@ def _check_record(i: int, r: ImageRecord) -> None:
         raise InvalidRecordError(f"record {i} is not an ImageRecord: {r!r}")
     if not isinstance(r.uri, str) or not r.uri:
         raise InvalidRecordError(f"record {i} has an empty uri: {r.uri!r}")
+    for name in ("uri", "caption"):
+        if isinstance(getattr(r, name), str):
+            try:
+                check_text(getattr(r, name), f"record {i} {name}")
+            except LimitError as exc:
+                raise InvalidRecordError(str(exc)) from None
     if not isinstance(r.sha256, str) or not _SHA256.fullmatch(r.sha256):
         raise InvalidRecordError(
             f"record {i} ({r.uri}): sha256 must be 64 lowercase hex digits, got {r.sha256!r}"

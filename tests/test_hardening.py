@@ -18,7 +18,13 @@ from engine.preferences import PreferenceRecordError, export_preferences, import
 from engine.search import Engine, SearchConfig, SearchInputError, _append_pairs, _keep_recent
 from indexer.encoder import Encoder
 from storage import ImageRecord, Store
-from storage.errors import DiskFullError, InvalidPreferenceError, InvalidUserError, UnknownImageError
+from storage.errors import (
+    DiskFullError,
+    InvalidPreferenceError,
+    InvalidRecordError,
+    InvalidUserError,
+    UnknownImageError,
+)
 from storage.limits import LIMITS, LimitError, normalize_user
 
 TEST_MODEL = "clipbt-test-vit"  # tests/model_configs/clipbt-test-vit.json, random weights
@@ -539,3 +545,12 @@ def test_home_is_private_and_a_deleted_user_leaves_no_trace(tmp_path):
         assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1  # set, whatever SQLite's build default
     data = b"".join(p.read_bytes() for p in home.glob("clipbt.db*"))
     assert b"zebediah-secret" not in data and b"a very private query" not in data
+
+
+def test_image_text_that_postgresql_cannot_store_is_refused_on_both(store):
+    coll = store.get_or_create_collection("default", TEST_MODEL, "random", DIM, "float32")
+    bad = ImageRecord("/img/a\x00.png", "0" * 64, 32, 32)
+    with pytest.raises(InvalidRecordError) as caught:
+        store.add_images(coll.id, [bad], np.ones((1, DIM), np.float32))
+    assert str(caught.value) == "record 0 uri contains a NUL character (\\x00), which cannot be stored: '/img/a\\x00.png'"
+    assert store.images(coll.id) == []

@@ -103,14 +103,17 @@ class IndexFiles:
                     f"manifest says {key} = {value!r} but the index and collection give {computed[key]!r}"
                 )
         identity = {**(extra or {}), **computed}
+        text = json.dumps(identity, indent=2).encode()
         try:
             previous = self.identity_path.read_bytes()
         except OSError:
             previous = None
-        self.identity_path.unlink(missing_ok=True)  # an index saved without its identity is never trusted
+        if previous != text:  # a new identity: no index file may be trusted under the old one meanwhile
+            self.identity_path.unlink(missing_ok=True)
         try:
-            manifest = index.save(self.directory)
-            write_atomic(self.identity_path, json.dumps(identity, indent=2).encode())
+            manifest = index.save(self.directory)  # replaces the index files atomically
+            if previous != text:
+                write_atomic(self.identity_path, text)
         except (OSError, DiskFullError) as exc:
             # A failed save leaves the previous index files and manifest as they were (they are
             # replaced atomically), so the previous identity is true again: restore it.
