@@ -45,7 +45,7 @@ def run(users: int, sizes: list[int], d: int, strength: float, seed: int) -> dic
         a, b = a[keep], b[keep]
         truth = utility[a] > utility[b]
 
-        def accuracy(x):
+        def accuracy(x, a=a, b=b, truth=truth):
             return float(np.mean(((pool[a] - pool[b]) @ x > 0) == truth))
 
         results["original"][sizes[0]].append(accuracy(x0))

@@ -54,7 +54,7 @@ def main() -> None:
     from benchmarks.machine import describe
 
     out = {"command": f"python benchmarks/bench_user_pairs.py --pairs {args.pairs} --repeats {args.repeats}",
-           "machine": describe(), "pairs": int(len(pick)),
+           "machine": describe(), "pairs": len(pick),
            "median_ms": {k: 1000 * float(np.median(v)) for k, v in times.items()},
            "ms": {k: [1000 * t for t in v] for k, v in times.items()}}
     RESULTS.mkdir(exist_ok=True)

@@ -14,8 +14,18 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.preferences import PreferenceRecordError, export_preferences, import_preferences
-from engine.search import Engine, SearchConfig, SearchInputError, _append_pairs, _keep_recent
+from engine.preferences import (
+    PreferenceRecordError,
+    export_preferences,
+    import_preferences,
+)
+from engine.search import (
+    Engine,
+    SearchConfig,
+    SearchInputError,
+    _append_pairs,
+    _keep_recent,
+)
 from indexer.encoder import Encoder
 from storage import ImageRecord, Store
 from storage.errors import (
@@ -141,7 +151,7 @@ def test_prefs_import_cli_prints_new_and_present(tmp_path):
     record = {"kind": "pair", "user": "ann", "collection": "default", "query": "a cat", "preferred": ids[0],
               "rejected": ids[1], "created": "2026-01-02T03:04:05.678901+00:00"}
     (tmp_path / "a.jsonl").write_text(json.dumps(record) + "\n")
-    run = lambda: CliRunner().invoke(main, ["--home", str(tmp_path), "prefs", "import", str(tmp_path / "a.jsonl")])  # noqa: E731
+    run = lambda: CliRunner().invoke(main, ["--home", str(tmp_path), "prefs", "import", str(tmp_path / "a.jsonl")])
     assert run().output == "imported: 1 pair, 0 ranking, 0 feedback\nalready present: 0 pair, 0 ranking, 0 feedback\n"
     assert run().output == "imported: 0 pair, 0 ranking, 0 feedback\nalready present: 1 pair, 0 ranking, 0 feedback\n"
 
@@ -223,7 +233,7 @@ def test_prefer_racing_users_delete_loses_no_write_and_counts_every_row(store_ur
                     else:
                         s.add_pair("u", f"q{n}", ids[0], ids[1])
                     written.append("rankings" if n % 3 == 2 else "pairs")
-                except Exception as exc:  # noqa: BLE001 - the test collects every failure
+                except Exception as exc:  # noqa: BLE001 - every failure is collected
                     errors.append(exc)
 
     def deleter():
@@ -346,7 +356,7 @@ def test_new_pairs_extend_the_cached_state_as_a_full_reload_would(store, encoder
         version = store.preference_version("ann")
         fast = cached._user_pairs("ann", version)
         slow = Engine(store, coll, encoder=encoder)._user_pairs("ann", version)
-        order = lambda p: np.lexsort((p.rejected, p.preferred))  # noqa: E731  (ties: equal rows)
+        order = lambda p: np.lexsort((p.rejected, p.preferred))
         f, s = order(fast), order(slow)
         assert np.array_equal(fast.preferred[f], slow.preferred[s]) and np.array_equal(fast.rejected[f], slow.rejected[s])
         assert [fast.texts[i] for i in fast.text_of_pair[f]] == [slow.texts[i] for i in slow.text_of_pair[s]]
