@@ -564,3 +564,14 @@ def test_image_text_that_postgresql_cannot_store_is_refused_on_both(store):
         store.add_images(coll.id, [bad], np.ones((1, DIM), np.float32))
     assert str(caught.value) == "record 0 uri contains a NUL character (\\x00), which cannot be stored: '/img/a\\x00.png'"
     assert store.images(coll.id) == []
+
+
+def test_index_batch_sizes_are_bounded(tmp_path):
+    from indexer.pipeline import IndexOptions
+
+    with pytest.raises(LimitError) as caught:
+        IndexOptions(batch_size=LIMITS.batch_size_max + 1)
+    assert str(caught.value) == "batch_size must be a whole number from 1 to 65536, got 65537"
+    result = CliRunner().invoke(main, ["--home", str(tmp_path), "index", str(tmp_path), "--batch-size", "65537"])
+    assert result.exit_code == 2 and "Error: Invalid value for '--batch-size': 65537 is not in the range 1<=x<=65536." \
+        in result.output
