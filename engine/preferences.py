@@ -2,9 +2,11 @@
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 
-from storage import Collection, Store
-from storage.errors import ClipbtError, EmptyCollectionError
+from storage import Collection, PreferenceRecord, Store
+from storage.errors import ClipbtError, EmptyCollectionError, InvalidPreferenceError
+from storage.limits import LIMITS, check_preference_size, check_query_text, check_text, normalize_user
 
 
 class PreferenceRecordError(ClipbtError, ValueError):
@@ -32,12 +34,14 @@ def record_pair(store: Store, collection: str | int | Collection, user: str, que
 def record_ranking(store: Store, collection: str | int | Collection, user: str, query: str,
                    images: Sequence[int | str]) -> int:
     """Record `user`'s full ranking of images for `query`, best first; returns its id."""
+    check_preference_size("ranking", len(images))
     return store.add_ranking(user, query, _image_ids(store, collection, images))
 
 
 def record_feedback(store: Store, collection: str | int | Collection, user: str, query: str,
                     good: Sequence[int | str], bad: Sequence[int | str]) -> int:
     """Record thumbs up (`good`) and down (`bad`) for `query`, every good over every bad; returns its id."""
+    check_preference_size("feedback", len(good), len(bad))
     return store.add_feedback(user, query, _image_ids(store, collection, good), _image_ids(store, collection, bad))
 
 
@@ -81,39 +85,133 @@ def export_preferences(store: Store, user: str | None = None, collection: str | 
         yield from (record for _, record in sorted(records, key=lambda r: r[0]))
 
 
-def import_preferences(store: Store, lines: Iterable[str], collection: str | None = None) -> dict[str, int]:
-    """Add the records of `export_preferences` (one JSON object per line; blank lines skipped),
-    resolving image paths in the named collection, or in `collection` when given (a copy of the
-    preferences for another collection of the same files). Returns how many of each kind were read.
-    Stored anew: `created` becomes the import time; a record equal to the user's last one is
-    not duplicated (see `Store.add_pair`)."""
-    counts = {"pair": 0, "ranking": 0, "feedback": 0}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            kind, user, query = record["kind"], record["user"], record["query"]
-            target = store.collection(record["collection"] if collection is None else collection)
-            source = record.get("source", kind)
+def import_preferences(store: Store, lines: Iterable[str | bytes], collection: str | None = None) -> dict[str, dict[str, int]]:
+    """Add the records of `export_preferences` (one JSON object per line, UTF-8; blank lines
+    skipped), all or nothing.
 
-            if kind == "pair":
-                preferred, rejected = _image_ids(store, target, [record["preferred"], record["rejected"]])
-                store.add_pair(user, query, preferred, rejected, record.get("weight", 1.0), source)
-            elif kind == "ranking":
-                store.add_ranking(user, query, _image_ids(store, target, record["images"]), source)
-            elif kind == "feedback":
-                good, bad = _image_ids(store, target, record["good"]), _image_ids(store, target, record["bad"])
-                store.add_feedback(user, query, good, bad, source)
-            else:
-                raise PreferenceRecordError(f"line {number}: unknown kind {kind!r} (pair, ranking or feedback)")
-        except json.JSONDecodeError as exc:
-            raise PreferenceRecordError(f"line {number} is not JSON: {exc.msg}") from None
-        except (KeyError, TypeError) as exc:
-            raise PreferenceRecordError(f"line {number} lacks field {exc} of a {line.strip()[:80]!r} record") from None
+    Every line is checked first (text, JSON object, field types, user name, query, images resolved
+    in the named collection); if any is bad, PreferenceRecordError lists every bad line with its
+    number and reason and nothing is stored. Then all records are stored in one transaction. A
+    record already in the store (see `Store.import_preferences`) is counted as present, not stored
+    again: re-importing a file is a no-op. `created` is kept when the record has it. With
+    `collection`, every record goes to that collection, its images matched by path (a copy of the
+    preferences for another collection of the same files).
+    Returns {"new": {kind: n}, "present": {kind: n}}.
+    """
+    records, problems = [], []
+    collections: dict = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = _parse_record(store, collections, line, collection)
         except ClipbtError as exc:
-            if isinstance(exc, PreferenceRecordError):
-                raise
-            raise type(exc)(f"line {number}: {exc}") from None
-        counts[kind] += 1
-    return counts
+            problems.append(f"line {number}: {exc}")
+            continue
+        if record is not None:
+            records.append(record)
+    if problems:
+        raise PreferenceRecordError(
+            f"nothing imported: {len(problems)} bad line{'s' if len(problems) > 1 else ''}\n" + "\n".join(problems)
+        )
+    return store.import_preferences(records)
+
+
+_FIELDS = {"pair": ("preferred", "rejected"), "ranking": ("images",), "feedback": ("good", "bad")}
+
+
+def _parse_record(store: Store, collections: dict, line: str | bytes,
+                  target: str | None = None) -> PreferenceRecord | None:
+    """One line as a PreferenceRecord (None for a blank line); PreferenceRecordError or another
+    ClipbtError saying what is wrong with it."""
+    if isinstance(line, bytes):
+        if len(line) > LIMITS.import_max_line_bytes:
+            raise PreferenceRecordError(f"is {len(line)} bytes long; the maximum is {LIMITS.import_max_line_bytes}")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PreferenceRecordError(f"is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if not line.strip():
+        return None
+    if len(line) > LIMITS.import_max_line_bytes:
+        raise PreferenceRecordError(f"is {len(line)} characters long; the maximum is {LIMITS.import_max_line_bytes}")
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PreferenceRecordError(f"is not JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise PreferenceRecordError(f"is JSON but not an object: {type(data).__name__} {line.strip()[:40]!r}")
+    kind = data.get("kind")
+    if kind not in _FIELDS:
+        raise PreferenceRecordError(f"unknown kind {kind!r} (pair, ranking or feedback)")
+    for name in ("user", "collection", "query", *_FIELDS[kind]):
+        if name not in data:
+            raise PreferenceRecordError(f"a {kind} record needs the field {name!r}")
+    for name in ("user", "collection", "query", "source", "created"):
+        if name in data and not isinstance(data[name], str):
+            raise PreferenceRecordError(f"field {name!r} must be a string, got {_json_type(data[name])}")
+    weight = data.get("weight", 1.0)
+    if kind != "pair" and "weight" in data:
+        raise PreferenceRecordError(f"field 'weight' belongs to pair records, not {kind}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise PreferenceRecordError(f"field 'weight' must be a number, got {_json_type(weight)}")
+    refs = {}
+    for name in _FIELDS[kind]:
+        value = data[name]
+        single = kind == "pair"
+        if single:
+            value = [value]
+        elif not isinstance(value, list):
+            raise PreferenceRecordError(f"field {name!r} must be a list of image ids or paths, got {_json_type(value)}")
+        for ref in value:
+            if isinstance(ref, bool) or not isinstance(ref, int | str):
+                what = "an image id or path" if single else "a list of image ids or paths"
+                raise PreferenceRecordError(
+                    f"field {name!r} must be {what}, got {_json_type(ref)} {json.dumps(ref)[:40]}"
+                )
+            if isinstance(ref, str):
+                check_text(ref, f"field {name!r}")
+        refs[name] = value
+    created = None
+    if "created" in data:
+        try:
+            created = datetime.fromisoformat(check_text(data["created"], "field 'created'"))
+        except ValueError:
+            raise PreferenceRecordError(f"field 'created' is not an ISO 8601 time: {data['created'][:40]!r}") from None
+        created = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
+    user = normalize_user(data["user"])
+    query = check_query_text(data["query"])
+    source = data.get("source", kind)
+    check_text(source, "field 'source'")
+    name = target if target is not None else check_text(data["collection"], "field 'collection'")
+    if name not in collections:
+        collections[name] = store.collection(name)
+    collection = collections[name]
+    ids = {field: _image_ids(store, collection, value) for field, value in refs.items()}
+    if kind == "pair":
+        items = ((ids["preferred"][0], 0), (ids["rejected"][0], 1))
+    elif kind == "ranking":
+        items = tuple((i, position) for position, i in enumerate(ids["images"]))
+    else:
+        items = tuple([(i, 0) for i in ids["good"]] + [(i, 1) for i in ids["bad"]])
+    _check_items(kind, items)
+    return PreferenceRecord(kind, user, collection.id, query, items, source, float(weight), created)
+
+
+def _check_items(kind: str, items: tuple[tuple[int, int], ...]) -> None:
+    """The checks `Store.add_pair`, `add_ranking` and `add_feedback` make, on resolved ids."""
+    ids = [i for i, _ in items]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise InvalidPreferenceError(f"images {repeated} appear more than once in the {kind}")
+    if kind == "ranking" and len(ids) < 2:
+        raise InvalidPreferenceError(f"a ranking needs at least 2 images, got {ids}")
+    if kind == "feedback" and not ids:
+        raise InvalidPreferenceError("feedback needs at least one good or bad image, got none")
+    if kind == "feedback":
+        check_preference_size(kind, sum(tier == 0 for _, tier in items), sum(tier == 1 for _, tier in items))
+    else:
+        check_preference_size(kind, len(ids))
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")

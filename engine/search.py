@@ -1,5 +1,6 @@
 """The query path: encode the text, adapt it with the user's BT pairs, search FAISS, rank the candidates; one request or a batch."""
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -15,6 +16,7 @@ from engine.preferences import check_has_collection, record_feedback, record_pai
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
 from storage.errors import ClipbtError, EmptyCollectionError
+from storage.limits import LIMITS, check_adaptation, check_query_text
 
 SCOPES = ("query-kernel", "all")
 
@@ -41,6 +43,7 @@ class SearchConfig:
     path_cache_size: int = 100_000  # image paths kept for results (LRU)
 
     def __post_init__(self):
+        check_adaptation(self.adapt.lr, self.adapt.steps, self.adapt.beta)
         if self.scope not in SCOPES:
             raise SearchInputError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if not math.isfinite(self.bandwidth) or self.bandwidth <= 0:
@@ -159,6 +162,7 @@ class _UserPairs:
     texts: tuple[str, ...]  # the distinct query texts the pairs were recorded under
     text_of_pair: np.ndarray  # (P,) each pair's index into `texts`
     pair_set: PairSet  # differences and Gram matrix of the pairs' embeddings, for `adapt_many`
+    last: tuple[int, int] = (0, 0)  # the largest pair id and ranking id read: `Store.pairs(after=...)`
 
 
 class Engine:
@@ -185,6 +189,7 @@ class Engine:
         self._paths = _LRU(config.path_cache_size)  # image id -> uri, filled as hits are returned
         self._load_lock = threading.Lock()  # one thread loads the encoder or a new index at a time
         self.index_loads = 0  # how many times an index was loaded (or rebuilt)
+        self.index_updates = 0  # how many times the loaded index was caught up with added or deleted images
 
     @classmethod
     def open(cls, store: Store, collection: str = "default", config: SearchConfig = SearchConfig(),
@@ -207,18 +212,24 @@ class Engine:
     @property
     def index(self):
         """The collection's vector index (`indexer.vectors.VectorIndex`), loaded on first use and
-        again once images have been added or deleted since (by any process: one cheap SELECT)."""
+        caught up once images have been added or deleted since (by any process: one cheap SELECT
+        notices): the new images are added to a copy of the loaded index, or, when that does not
+        fit (`indexer.vectors.collection.catch_up`), the index is opened again."""
         if self._index_given:
             return self._index
         version = self.store.content_version(self.collection.id)
         if self._index is None or version != self._index_version:
             with self._load_lock:
                 if self._index is None or version != self._index_version:
-                    from indexer.vectors.collection import open_index
+                    from indexer.vectors.collection import catch_up, open_index
 
-                    self._index = open_index(self.store, self.collection)
-                    self._index_version = version
-                    self.index_loads += 1
+                    index = None if self._index is None else catch_up(self.store, self.collection, self._index)
+                    if index is None:
+                        index = open_index(self.store, self.collection)
+                        self.index_loads += 1
+                    else:
+                        self.index_updates += 1
+                    self._index, self._index_version = index, version
         return self._index
 
     # -- query embeddings --------------------------------------------------------------------
@@ -242,38 +253,45 @@ class Engine:
             if r.vector is None:
                 rows.append(next(encoded))
                 continue
-            v = np.asarray(r.vector, dtype=np.float32).reshape(-1) if np.ndim(r.vector) else None
+            try:  # float64: a float32 vector whose norm overflows float32 (1e38 per value) still has a direction
+                v = np.asarray(r.vector, dtype=np.float64).reshape(-1) if np.ndim(r.vector) else None
+            except (TypeError, ValueError):
+                raise SearchInputError(f"query vector must hold numbers, got {np.asarray(r.vector).dtype}") from None
             if v is None or v.shape != (d,):
                 shape = np.shape(r.vector)
                 raise SearchInputError(
                     f"query vector has shape {shape}, but collection {self.collection.name!r} has dimension {d}"
                 )
-            bad = np.flatnonzero(~np.isfinite(v))
+            bad = np.flatnonzero(~np.isfinite(v.astype(np.float32)))
             if bad.size:
                 raise SearchInputError(f"query vector[{bad[0]}] is {v[bad[0]]}: a query vector must be finite")
             norm = float(np.linalg.norm(v))
             if norm == 0:
                 raise SearchInputError("query vector is all zeros: it has no direction to search")
-            rows.append(v / norm)
+            rows.append((v / norm).astype(np.float32))
         return np.stack(rows)
 
     # -- the user's pairs --------------------------------------------------------------------
 
     def _user_pairs(self, user: str, version: int) -> _UserPairs:
+        """The user's pairs at `version`: the cached ones extended by the pairs recorded since
+        (records are only appended; a deleted and re-created user has another id, the high bits
+        of the version, and is read anew), the most recent `LIMITS.user_max_pairs` kept."""
         cached = self._pairs.get(user)
         if cached is not None and cached.version == version:
             return cached
         self.forget(user)
-        pairs = self.store.pairs(user, self.collection.id)
+        base = cached if cached is not None and cached.version >> 32 == version >> 32 else None
+        pairs = self.store.pairs(user, self.collection.id, after=base.last if base is not None else None)
         ids = sorted({i for p in pairs for i in (p.preferred_id, p.rejected_id)})
         found, vectors = self.store.embeddings(self.collection.id, ids, include_deleted=True) if ids else (
             np.zeros(0, np.int64), np.zeros((0, self.collection.dim), np.float32))
         row = {int(i): j for j, i in enumerate(found)}
-        texts = tuple(dict.fromkeys(p.query for p in pairs))
+        texts = tuple(dict.fromkeys([*(base.texts if base is not None else ()), *(p.query for p in pairs)]))
         text_index = {text: j for j, text in enumerate(texts)}
         preferred = np.array([p.preferred_id for p in pairs], dtype=np.int64)
         rejected = np.array([p.rejected_id for p in pairs], dtype=np.int64)
-        data = _UserPairs(
+        new = _UserPairs(
             version=version,
             preferred=preferred,
             rejected=rejected,
@@ -281,7 +299,10 @@ class Engine:
             texts=texts,
             text_of_pair=np.array([text_index[p.query] for p in pairs], dtype=np.int64),
             pair_set=PairSet.of(vectors[[row[i] for i in preferred.tolist()]], vectors[[row[i] for i in rejected.tolist()]]),
+            last=(max([p.id for p in pairs if p.id is not None], default=0),
+                  max([p.ranking_id for p in pairs if p.ranking_id is not None], default=0)),
         )
+        data = _append_pairs(base, new, LIMITS.user_max_pairs) if base is not None else _keep_recent(new, LIMITS.user_max_pairs)
         self._pairs.put(user, data)
         return data
 
@@ -295,8 +316,8 @@ class Engine:
         return cached[1]
 
     def forget(self, user: str) -> None:
-        """Drop every cached adapted query and pair of `user` (after they record a preference)."""
-        self._pairs.pop(user, None)
+        """Drop the cached adapted queries of `user` (after they record a preference); their
+        cached pairs are kept and extended by the new ones on the next search (`_user_pairs`)."""
         self._pair_texts.pop(user, None)
         self._adapted.drop(lambda key: key[0] == user)
 
@@ -372,6 +393,8 @@ class Engine:
         if not isinstance(query, str) or not query.strip():
             raise SearchInputError(f"a comparison needs query text, got {query!r}")
         ids = np.array([self.image(a).id, self.image(b).id], dtype=np.int64)
+        if ids[0] == ids[1]:
+            raise SearchInputError(f"compare needs two different images, got image {ids[0]} twice ({a!r} and {b!r})")
         request = SearchRequest(query, user)
         adapted, context = self._personalise([request], self._query_vectors([request]), config)
         _, vectors = self.store.embeddings(self.collection.id, ids)
@@ -406,8 +429,12 @@ class Engine:
         for r in requests:
             if isinstance(r.k, bool) or not isinstance(r.k, int | np.integer) or r.k < 1:
                 raise SearchInputError(f"k must be a whole number >= 1, got {r.k!r}")
+            if r.k > LIMITS.k_max:
+                raise SearchInputError(f"k must be at most {LIMITS.k_max}, got {r.k}")
             if r.vector is None and (not isinstance(r.query, str) or not r.query.strip()):
                 raise SearchInputError(f"a search needs query text or a vector, got query {r.query!r}")
+            if isinstance(r.query, str):
+                check_query_text(r.query)
         queries = self._query_vectors(requests)
         adapted, context = self._personalise(requests, queries, config)
         depth = max(candidate_count(r.k, config) for r in requests)
@@ -416,6 +443,12 @@ class Engine:
             raise EmptyCollectionError(
                 f"collection {self.collection.name!r} has no images: add some with `clipbt index PATH`"
             )
+        found = (ids >= 0).sum(axis=1)
+        for r, n in zip(requests, found.tolist()):
+            if n < r.k and r.k > (live := len(self.index)):  # counted only when the index came up short
+                raise SearchInputError(
+                    f"k is {r.k}, but collection {self.collection.name!r} has {live} images: ask for at most {live}"
+                )
         wanted = np.array([candidate_count(r.k, config) for r in requests])
         candidates = np.where(np.arange(depth) < wanted[:, None], ids, -1)  # -1: not a candidate
         comparisons = _direct_comparisons(candidates, context)
@@ -448,6 +481,49 @@ class Engine:
                 found[i] = uri
                 self._paths.put(i, uri)
         return [found[int(i)] for i in ids]
+
+
+def _keep_recent(pairs: _UserPairs, cap: int) -> _UserPairs:
+    """`pairs` with only its `cap` most recent pairs (the last rows), texts renumbered."""
+    if len(pairs.weight) <= cap:
+        return pairs
+    keep = slice(len(pairs.weight) - cap, None)
+    used, text_of_pair = np.unique(pairs.text_of_pair[keep], return_inverse=True)
+    gram = pairs.pair_set.gram
+    return dataclasses.replace(
+        pairs, preferred=pairs.preferred[keep], rejected=pairs.rejected[keep], weight=pairs.weight[keep],
+        texts=tuple(pairs.texts[j] for j in used.tolist()), text_of_pair=text_of_pair.astype(np.int64),
+        pair_set=PairSet(pairs.pair_set.diffs[keep], None if gram is None else gram[keep, keep]),
+    )
+
+
+def _append_pairs(old: _UserPairs, new: _UserPairs, cap: int) -> _UserPairs:
+    """`old` followed by `new` (whose texts extend old's), then `_keep_recent`: the state a full
+    reload would give, at the cost of the new rows only. The Gram matrix D D^T grows by the
+    blocks D_old D_new^T and D_new D_new^T (`PairSet` keeps none once P > d)."""
+    if not len(new.weight):
+        return dataclasses.replace(old, version=new.version, texts=new.texts)
+    diffs = np.concatenate([old.pair_set.diffs, new.pair_set.diffs])
+    gram = None
+    if diffs.shape[0] <= diffs.shape[1]:
+        if old.pair_set.gram is None and len(old.weight):
+            gram = diffs.astype(np.float64) @ diffs.astype(np.float64).T
+        else:
+            a = old.pair_set.diffs.astype(np.float64)
+            b = new.pair_set.diffs.astype(np.float64)
+            cross = a @ b.T
+            gram = np.block([[old.pair_set.gram if len(old.weight) else np.zeros((0, 0)), cross], [cross.T, b @ b.T]])
+    joined = _UserPairs(
+        version=new.version,
+        preferred=np.concatenate([old.preferred, new.preferred]),
+        rejected=np.concatenate([old.rejected, new.rejected]),
+        weight=np.concatenate([old.weight, new.weight]),
+        texts=new.texts,
+        text_of_pair=np.concatenate([old.text_of_pair, new.text_of_pair]),
+        pair_set=PairSet(diffs, gram),
+        last=(max(old.last[0], new.last[0]), max(old.last[1], new.last[1])),
+    )
+    return _keep_recent(joined, cap)
 
 
 def _direct_comparisons(candidates: np.ndarray, context) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

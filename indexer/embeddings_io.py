@@ -23,6 +23,7 @@ from PIL import Image as PILImage
 from indexer.errors import EmbeddingsFormatError
 from storage import ImageRecord, Store
 from storage._sql import _SHA256
+from storage.limits import LimitError, check_text
 
 URI_COLUMNS = ("image_path", "url")  # first one present names the image
 _KNOWN_COLUMNS = ("caption", "sha256", "width", "height")
@@ -83,8 +84,8 @@ def import_embeddings(store: Store, directory: str | os.PathLike, collection: st
     pairs = shards(directory)
     tables = []
     for emb_path, meta_path in pairs:
-        vectors = np.load(emb_path, mmap_mode="r")
-        table = pq.read_table(meta_path)
+        vectors = _read_npy(emb_path)
+        table = _read_parquet(meta_path)
         if vectors.ndim != 2:
             raise EmbeddingsFormatError(f"{emb_path} holds an array of shape {vectors.shape}, not (rows, dim)")
         if len(vectors) != table.num_rows:
@@ -101,10 +102,18 @@ def import_embeddings(store: Store, directory: str | os.PathLike, collection: st
     from indexer.encoder import model_identity  # indexer.encoder loads torch, which export does not need
 
     name, recorded = model_identity(model, pretrained)
-    existing = {c.name: c for c in store.collections()}.get(collection)
-    if existing is not None and existing.dim not in dims:
+    model_dim = _model_dim(name)
+    if model_dim is not None and model_dim != min(dims):
         raise EmbeddingsFormatError(
-            f"embeddings of {str(directory)!r} have dimension {dims.pop()}, collection {collection!r} has {existing.dim}"
+            f"embeddings of {str(directory)!r} have dimension {min(dims)}, but {name} embeds in dimension "
+            f"{model_dim}: nothing imported; give the --model and --pretrained they were made with"
+        )
+    existing = {c.name: c for c in store.collections()}.get(collection)
+    if existing is not None and (existing.model, existing.pretrained, existing.dim) != (name, recorded, min(dims)):
+        raise EmbeddingsFormatError(
+            f"embeddings of {str(directory)!r} are {name}/{recorded} (dim {min(dims)}), but collection "
+            f"{collection!r} holds {existing.model}/{existing.pretrained} (dim {existing.dim}): nothing imported; "
+            "import into another --collection, or give the --model and --pretrained they were made with"
         )
     coll = store.get_or_create_collection(collection, name, recorded, dims.pop())
     report = ImportReport(collection)
@@ -137,6 +146,44 @@ def import_embeddings(store: Store, directory: str | os.PathLike, collection: st
     return report
 
 
+def _model_dim(name: str) -> int | None:
+    """The embedding dimension of an open_clip architecture (or the shipped model) from its
+    config, without loading weights; None when unknown here (hf-hub:, local-dir:)."""
+    import open_clip
+
+    from indexer import default_model
+
+    default_model.register()
+    config = open_clip.get_model_config(name)
+    return int(config["embed_dim"]) if config and "embed_dim" in config else None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """The array of an .npy file, memory-mapped; EmbeddingsFormatError when it is not a whole one."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise EmbeddingsFormatError(f"{path} is not a readable .npy array (truncated or damaged?): {exc}") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise EmbeddingsFormatError(f"{path} does not hold a numeric array")
+    return array
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """The columns of a parquet file that an import can use (strings, numbers, booleans; others,
+    such as timestamps or binary, are left out); EmbeddingsFormatError when it cannot be read."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise EmbeddingsFormatError(f"{path} is not a readable parquet file: {exc}") from None
+    usable = [
+        name for name, kind in zip(table.column_names, table.schema.types)
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)
+    ]
+    return table.select(usable)
+
+
 def _row_problem(vector: np.ndarray, row: dict, uri_column: str) -> str:
     if not np.isfinite(vector).all():
         return "embedding is not finite"
@@ -146,6 +193,12 @@ def _row_problem(vector: np.ndarray, row: dict, uri_column: str) -> str:
     uri = row.get(uri_column)
     if not isinstance(uri, str) or not uri:
         return f"no {uri_column}"
+    for name in (uri_column, "caption"):
+        if isinstance(row.get(name), str):
+            try:
+                check_text(row[name], name)
+            except LimitError as exc:
+                return str(exc)
     return ""
 
 

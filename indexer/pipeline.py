@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 
 from indexer.encoder import Encoder
@@ -27,6 +28,7 @@ from indexer.vectors.collection import refresh
 from indexer.vectors.faiss import check_index_type
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
 from storage import Collection, ImageRecord, Store
+from storage.limits import LIMITS, check_count
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5  # with the progress bar on, encoding reports back at least this often
@@ -42,6 +44,11 @@ class IndexOptions:
     index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     progress: bool = True  # tqdm bar on stderr, moving every PROGRESS_EVERY_S or so: files/s and skipped count
+
+    def __post_init__(self):
+        check_count(self.batch_size, "batch_size", 1, LIMITS.batch_size_max)
+        if self.workers is not None:
+            check_count(self.workers, "workers", 0, 256)
 
 
 @dataclass
@@ -116,49 +123,51 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
     encoder: default `Encoder.load()` (the shipped model). options: IndexOptions, any field of
     which may also be passed by keyword (`remove_missing=True`). The collection records the
     encoder's model identity; CollectionMismatchError if it was made with another model.
+    Two runs on one collection at once take turns (a file lock beside its index).
     """
     options = dataclasses.replace(options or IndexOptions(), **overrides)
     encoder = encoder or Encoder.load()
     report = IndexReport(collection)
     clock = functools.partial(timed, report.seconds)
     coll = open_collection(store, collection, encoder, options.index_type)
-    with clock("discover"):
-        files, report.skipped = discover(paths)
-        live, known = live_images(store, coll)
-    workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
-    loader = torch.utils.data.DataLoader(
-        _Files(files, known, encoder, options.max_pixels),
-        batch_size=options.batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=encoder.device.type == "cuda",
-    )
-    added: list[int] = []
-    bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
-    pace = _Pace()
-    batches = iter(loader)
-    try:
-        while True:
-            with clock("read+decode (wait)"):
-                batch = next(batches, None)
-            if batch is None:
-                break
-            items, pixels = batch
-            fresh = [item for item in items if not item.reason and not item.unchanged]
-            report.unchanged += sum(item.unchanged for item in items)
-            report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
-            bar.update(len(items) - len(fresh))
-            if fresh:
-                with clock("encode"):
-                    vectors = pace.encode(encoder, pixels, bar.update) if options.progress else encoder.encode_images(pixels)
-                with clock("commit"):
-                    records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
-                    added += commit(store, coll, live, records, vectors)
-                report.indexed += len(fresh)
-            bar.set_postfix(skipped=len(report.skipped), refresh=False)
-    finally:
-        bar.close()
-    finish(store, coll, paths, files, added, options, report)
+    with indexing_lock(store, coll):  # runs on one collection take turns
+        with clock("discover"):
+            files, report.skipped = discover(paths)
+            live, known = live_images(store, coll)
+        workers = options.workers if options.workers is not None else max(1, min(32, (os.cpu_count() or 2) - 1))
+        loader = torch.utils.data.DataLoader(
+            _Files(files, known, encoder, options.max_pixels),
+            batch_size=options.batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=encoder.device.type == "cuda",
+        )
+        added: list[int] = []
+        bar = tqdm(total=len(files), unit="file", desc=f"indexing {collection}", disable=not options.progress)
+        pace = _Pace()
+        batches = iter(loader)
+        try:
+            while True:
+                with clock("read+decode (wait)"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                items, pixels = batch
+                fresh = [item for item in items if not item.reason and not item.unchanged]
+                report.unchanged += sum(item.unchanged for item in items)
+                report.skipped += [Skip(item.path, item.reason) for item in items if item.reason]
+                bar.update(len(items) - len(fresh))
+                if fresh:
+                    with clock("encode"):
+                        vectors = pace.encode(encoder, pixels, bar.update) if options.progress else encoder.encode_images(pixels)
+                    with clock("commit"):
+                        records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
+                        added += commit(store, coll, live, records, vectors)
+                    report.indexed += len(fresh)
+                bar.set_postfix(skipped=len(report.skipped), refresh=False)
+        finally:
+            bar.close()
+        finish(store, coll, paths, files, added, options, report)
     return report
 
 
@@ -168,6 +177,15 @@ def open_collection(store: Store, name: str, encoder: Encoder, index_type: str) 
     check_index_type(index_type, encoder.dim)
     return store.get_or_create_collection(name, encoder.model_name, encoder.pretrained, encoder.dim,
                                           checkpoint_path=encoder.checkpoint_path)
+
+
+def indexing_lock(store: Store, coll: Collection) -> FileLock:
+    """The lock that makes indexing runs on one collection take turns: a second run started during
+    the first waits, then finds the files the first one added unchanged (instead of failing on
+    their uris)."""
+    lock_dir = store.collection_index_dir(coll)
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return FileLock(str(lock_dir / ".indexing.lock"))
 
 
 def live_images(store: Store, coll: Collection) -> tuple[dict[str, int], dict[str, str]]:

@@ -21,6 +21,7 @@ from storage.errors import (
     UnknownImageError,
 )
 from storage._sql import _SHA256, EMBEDDING_DTYPES, _bump, _chunks, _now, _utc
+from storage.limits import MAX_STORED_ID, LimitError, check_text, is_image_id, parse_image_id
 from storage.records import (
     Collection,
     Image,
@@ -279,7 +280,7 @@ class CollectionsMixin:
             coll = self._collection(conn, collection_id)
             row = None
             if isinstance(ref, int | np.integer) and not isinstance(ref, bool):
-                row = conn.execute(sa.select(S.images).where(S.images.c.id == int(ref))).first()
+                row = _image_row(conn, ref)
             elif isinstance(ref, str) and ref:
                 candidates = [ref]
                 if "://" not in ref:
@@ -294,8 +295,8 @@ class CollectionsMixin:
                     ).first()
                     if row is not None:
                         break
-                if row is None and ref.isdigit():
-                    row = conn.execute(sa.select(S.images).where(S.images.c.id == int(ref))).first()
+                if row is None and is_image_id(ref):
+                    row = _image_row(conn, ref)
             if row is None:
                 raise UnknownImageError(f"no image {ref!r} in collection {coll.name!r}")
             image = _image(row)
@@ -459,6 +460,12 @@ def _check_record(i: int, r: ImageRecord) -> None:
         raise InvalidRecordError(f"record {i} is not an ImageRecord: {r!r}")
     if not isinstance(r.uri, str) or not r.uri:
         raise InvalidRecordError(f"record {i} has an empty uri: {r.uri!r}")
+    for name in ("uri", "caption"):
+        if isinstance(getattr(r, name), str):
+            try:
+                check_text(getattr(r, name), f"record {i} {name}")
+            except LimitError as exc:
+                raise InvalidRecordError(str(exc)) from None
     if not isinstance(r.sha256, str) or not _SHA256.fullmatch(r.sha256):
         raise InvalidRecordError(
             f"record {i} ({r.uri}): sha256 must be 64 lowercase hex digits, got {r.sha256!r}"
@@ -504,9 +511,22 @@ def _check_collection_args(name, model, pretrained, dim, embedding_dtype, checkp
 
 
 def _image_id(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    """An image id that can exist: `parse_image_id` (an int in int64), and UnknownImageError
+    beyond the largest id the database column holds (identical on SQLite and PostgreSQL)."""
+    if isinstance(value, str) or isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise UnknownImageError(f"an image id is an int, got {value!r}")
-    return int(value)
+    value = parse_image_id(value)
+    if value > MAX_STORED_ID:
+        raise UnknownImageError(f"unknown image id {value}")
+    return value
+
+
+def _image_row(conn: sa.Connection, ref: int | str):
+    """The images row of id `ref` (an int or plain decimal text), or None."""
+    value = parse_image_id(ref)
+    if value > MAX_STORED_ID:
+        return None
+    return conn.execute(sa.select(S.images).where(S.images.c.id == value)).first()
 
 
 def _collection(row) -> Collection:

@@ -63,3 +63,28 @@ class InvalidPreferenceError(ClipbtError, ValueError):
 
 class InvalidIndexError(ClipbtError, ValueError):
     """A FAISS index handed to the vector store cannot be saved as the collection's index."""
+
+
+class DiskFullError(StoreError):
+    """The disk holding the database or the index files is full; nothing of the write was kept."""
+
+
+def disk_full_error(exc: BaseException, where) -> "DiskFullError | None":
+    """A DiskFullError naming `where` when `exc` is the operating system's or a database's
+    "no space left" (ENOSPC, SQLITE_FULL, PostgreSQL's disk_full); else None."""
+    import errno
+
+    text = str(getattr(exc, "orig", None) or exc)
+    full = (
+        getattr(exc, "errno", None) == errno.ENOSPC
+        or getattr(getattr(exc, "orig", None), "sqlite_errorname", None) == "SQLITE_FULL"
+        or getattr(getattr(exc, "orig", None), "sqlstate", None) == "53100"
+        or "No space left on device" in text
+        or "database or disk is full" in text
+    )
+    if not full:
+        return None
+    return DiskFullError(
+        f"no space left on {where}: free some space and run the command again "
+        f"(the unfinished write was discarded; what was stored before is intact)"
+    )

@@ -10,18 +10,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from storage import _schema as S
 from storage.errors import (
     InvalidPreferenceError,
-    InvalidUserError,
     UnknownUserError,
 )
 from storage._sql import _bump, _chunks, _now, _utc
 from storage.collections import _image_id, _one_collection
+from storage.limits import check_preference_size, check_query_text, check_text, normalize_user
 from storage.records import (
     Collection,
     Feedback,
     PreferencePair,
+    PreferenceRecord,
     Ranking,
 )
-
 
 
 class PreferencesMixin:
@@ -42,7 +42,10 @@ class PreferencesMixin:
     def delete_user(self, name: str) -> dict[str, int]:
         """Remove a user and every trace of them; returns the rows removed per kind."""
         with self._write() as conn:
-            uid = self._user_id(conn, name, create=False)
+            # FOR UPDATE waits for a concurrent preference write of this user (which holds the
+            # same row lock) to commit, so the counts below include it; a write that comes after
+            # the delete creates the user anew (`_user_id`).
+            uid = self._user_id(conn, name, create=False, lock=True)
             kinds = dict(
                 conn.execute(
                     sa.select(S.rankings.c.kind, sa.func.count())
@@ -67,23 +70,28 @@ class PreferencesMixin:
             "users": 1,
         }
 
-    def _user_id(self, conn: sa.Connection, name: str, create: bool) -> int:
-        if not isinstance(name, str) or not name.strip() or len(name) > 256:
-            raise InvalidUserError(f"a user name is 1 to 256 characters, got {name!r}")
-        if create:
-            dialect = sqlite if self._sqlite else postgresql
-            conn.execute(
-                dialect.insert(S.users)
-                .values(name=name, pref_version=0, created=_now())
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
-        # FOR UPDATE (PostgreSQL) serialises one user's preference writes, so the
+    def _user_id(self, conn: sa.Connection, name: str, create: bool, lock: bool = False) -> int:
+        """The id of user `name` (normalised: `storage.limits.normalize_user`); with `create`, the
+        user is created if missing, also when a concurrent `delete_user` removed them between
+        the INSERT and the SELECT (PostgreSQL): a write after a delete recreates the user."""
+        name = normalize_user(name)
+        # FOR UPDATE (PostgreSQL) serialises one user's preference writes and deletion, so the
         # "same as the last one" duplicate check cannot race; SQLite writers are serial already.
         query = sa.select(S.users.c.id).where(S.users.c.name == name)
-        uid = conn.execute(query.with_for_update() if create else query).scalar()
-        if uid is None:
-            raise UnknownUserError(f"unknown user {name!r}")
-        return uid
+        if create or lock:
+            query = query.with_for_update()
+        for _ in range(3 if create else 1):
+            if create:
+                dialect = sqlite if self._sqlite else postgresql
+                conn.execute(
+                    dialect.insert(S.users)
+                    .values(name=name, pref_version=0, created=_now())
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+            uid = conn.execute(query).scalar()
+            if uid is not None:
+                return uid
+        raise UnknownUserError(f"unknown user {name!r}")
 
     # -- preferences ---------------------------------------------------------------------------
 
@@ -154,6 +162,7 @@ class PreferencesMixin:
         ids = [_image_id(i) for i in image_ids]
         if len(ids) < 2:
             raise InvalidPreferenceError(f"a ranking needs at least 2 images, got {ids}")
+        check_preference_size("ranking", len(ids))
         return self._add_tiers(
             user, query, "ranking", [(i, pos) for pos, i in enumerate(ids)], source
         )
@@ -174,6 +183,7 @@ class PreferencesMixin:
         bad = [_image_id(i) for i in bad_ids]
         if not good and not bad:
             raise InvalidPreferenceError("feedback needs at least one good or bad image, got none")
+        check_preference_size("feedback", len(good), len(bad))
         both = sorted(set(good) & set(bad))
         if both:
             raise InvalidPreferenceError(f"images {both} are marked both good and bad")
@@ -232,21 +242,111 @@ class PreferencesMixin:
             _bump(conn, S.users.c.pref_version, [uid])
         return rid
 
+    def import_preferences(self, records: Sequence[PreferenceRecord]) -> dict[str, dict[str, int]]:
+        """Store `records` in ONE transaction: all of them or, on any error, none.
+
+        A record already stored (same user, collection, kind, query, images in order, source,
+        weight, and `created` when the record gives it) is counted as present and not stored
+        again, so importing the same file twice is a no-op. Returns
+        {"new": {kind: n}, "present": {kind: n}}.
+        """
+        counts = {state: {"pair": 0, "ranking": 0, "feedback": 0} for state in ("new", "present")}
+        now = _now()
+        with self._write() as conn:
+            users: dict[str, int] = {}
+            for record in records:
+                uid = users.get(record.user)
+                if uid is None:
+                    uid = users[record.user] = self._user_id(conn, record.user, create=True)
+                ids = [i for i, _ in record.items]
+                if _one_collection(conn, ids) != record.collection_id:
+                    raise InvalidPreferenceError(
+                        f"images {ids} are not in collection {record.collection_id}"
+                    )
+                stored = self._stored_record(conn, uid, record)
+                counts["present" if stored else "new"][record.kind] += 1
+                if not stored:
+                    self._insert_record(conn, uid, record, record.created or now)
+            changed = {users[r.user] for r in records}
+            if counts["new"] and changed:
+                _bump(conn, S.users.c.pref_version, sorted(changed))
+        return counts
+
+    def _stored_record(self, conn: sa.Connection, uid: int, record: PreferenceRecord) -> bool:
+        """Whether `record` (its natural key, see `import_preferences`) is already stored."""
+        if record.kind == "pair":
+            (preferred, _), (rejected, _) = record.items
+            t = S.pairs.c
+            rows = conn.execute(
+                sa.select(t.created).where(
+                    t.user_id == uid, t.collection_id == record.collection_id, t.query == record.query,
+                    t.preferred_id == preferred, t.rejected_id == rejected, t.weight == record.weight,
+                    t.source == record.source,
+                )
+            ).scalars()
+            return any(record.created is None or _utc(c) == record.created for c in rows)
+        t = S.rankings.c
+        heads = conn.execute(
+            sa.select(t.id, t.created).where(
+                t.user_id == uid, t.kind == record.kind, t.collection_id == record.collection_id,
+                t.query == record.query, t.source == record.source,
+            )
+        ).all()
+        for head in heads:
+            if record.created is not None and _utc(head.created) != record.created:
+                continue
+            items = conn.execute(
+                sa.select(S.ranking_items.c.image_id, S.ranking_items.c.tier)
+                .where(S.ranking_items.c.ranking_id == head.id)
+                .order_by(S.ranking_items.c.position)
+            ).all()
+            if tuple(tuple(r) for r in items) == record.items:
+                return True
+        return False
+
+    def _insert_record(self, conn: sa.Connection, uid: int, record: PreferenceRecord, created) -> None:
+        if record.kind == "pair":
+            (preferred, _), (rejected, _) = record.items
+            conn.execute(S.pairs.insert().values(
+                user_id=uid, collection_id=record.collection_id, query=record.query,
+                preferred_id=preferred, rejected_id=rejected, weight=record.weight,
+                source=record.source, created=created,
+            ))
+            return
+        rid = conn.execute(
+            S.rankings.insert()
+            .values(user_id=uid, collection_id=record.collection_id, kind=record.kind,
+                    query=record.query, source=record.source, created=created)
+            .returning(S.rankings.c.id)
+        ).scalar_one()
+        conn.execute(
+            S.ranking_items.insert(),
+            [{"ranking_id": rid, "position": pos, "image_id": i, "tier": tier}
+             for pos, (i, tier) in enumerate(record.items)],
+        )
+
     def pairs(
         self,
         user: str,
         collection_id: int | str | Collection | None = None,
         query: str | None = None,
+        after: tuple[int, int] | None = None,
     ) -> list[PreferencePair]:
         """Every preference pair of `user`, oldest first: stored pairs (with their id) and the
-        pairs implied by rankings and feedback (id None, ranking_id set, weight 1 each)."""
+        pairs implied by rankings and feedback (id None, ranking_id set, weight 1 each).
+
+        after: (pair id, ranking id): only pairs stored after the pair and the ranking of these
+        ids (records are only ever appended, so this is what a reader holding the earlier ones lacks).
+        """
         with self._read() as conn:
             params = {"uid": self._user_id(conn, user, create=False)}
             if collection_id is not None:
                 params["cid"] = self._collection(conn, collection_id).id
             if query is not None:
                 params["query"] = query.strip()
-            stored, implied = _pair_selects("cid" in params, "query" in params)
+            if after is not None:
+                params["after_pair"], params["after_ranking"] = (int(v) for v in after)
+            stored, implied = _pair_selects("cid" in params, "query" in params, after is not None)
             out = [
                 PreferencePair(
                     p.id,
@@ -352,7 +452,8 @@ class PreferencesMixin:
 
     def preference_versions(self, users: Iterable[str]) -> dict[str, int | None]:
         """`preference_version` of many users in one query; None for a user who does not exist."""
-        names = sorted(set(users))
+        stored = {name: normalize_user(name) for name in set(users)}
+        names = sorted(set(stored.values()))
         if not names:
             return {}
         found = {}
@@ -360,7 +461,7 @@ class PreferencesMixin:
             rows = self._fetch_direct(
                 f"SELECT name, id, pref_version FROM users WHERE name IN ({', '.join('?' * len(chunk))})", chunk)
             found.update((name, (uid << 32) | count) for name, uid, count in rows)
-        return {name: found.get(name) for name in names}
+        return {name: found.get(normal) for name, normal in stored.items()}
 
     def _fetch_direct(self, sql: str, params: Sequence) -> list[tuple]:
         """The rows of one SELECT ("?" placeholders) sent straight to the driver. For the checks
@@ -378,9 +479,10 @@ class PreferencesMixin:
 
 
 @functools.cache
-def _pair_selects(by_collection: bool, by_query: bool) -> tuple[sa.Select, sa.Select]:
-    """`Store.pairs`' two SELECTs (stored pairs; pairs implied by rankings) with bound :uid, :cid
-    and :query, built once per filter combination: building them anew took most of its time."""
+def _pair_selects(by_collection: bool, by_query: bool, by_after: bool = False) -> tuple[sa.Select, sa.Select]:
+    """`Store.pairs`' two SELECTs (stored pairs; pairs implied by rankings) with bound :uid, :cid,
+    :query, :after_pair and :after_ranking, built once per filter combination: building them anew
+    took most of its time."""
     stored = sa.select(S.pairs).where(S.pairs.c.user_id == sa.bindparam("uid")).order_by(S.pairs.c.id)
     a, b = S.ranking_items.alias("a"), S.ranking_items.alias("b")
     r = S.rankings
@@ -405,13 +507,16 @@ def _pair_selects(by_collection: bool, by_query: bool) -> tuple[sa.Select, sa.Se
     if by_query:
         stored = stored.where(S.pairs.c.query == sa.bindparam("query"))
         implied = implied.where(r.c.query == sa.bindparam("query"))
+    if by_after:
+        stored = stored.where(S.pairs.c.id > sa.bindparam("after_pair"))
+        implied = implied.where(r.c.id > sa.bindparam("after_ranking"))
     return stored, implied
 
 
 def _check_query(query) -> str:
     if not isinstance(query, str) or not query.strip():
         raise InvalidPreferenceError(f"a preference needs a non-empty query text, got {query!r}")
-    return query.strip()
+    return check_query_text(query)
 
 
 def _check_weight(weight) -> float:
@@ -427,6 +532,6 @@ def _check_weight(weight) -> float:
 def _check_source(source) -> str:
     if not isinstance(source, str) or not source or len(source) > 64:
         raise InvalidPreferenceError(f"source must be 1 to 64 characters, got {source!r}")
-    return source
+    return check_text(source, "source")
 
 

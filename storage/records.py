@@ -113,3 +113,18 @@ class ConsistencyReport:
         if self.ok:
             return "store consistent: " + ", ".join(f"{n} {t}" for t, n in self.counts.items())
         return "store inconsistent:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference to import (`Store.import_preferences`), its images already resolved to ids."""
+
+    kind: str  # "pair", "ranking" or "feedback"
+    user: str
+    collection_id: int
+    query: str
+    items: tuple[tuple[int, int], ...]  # (image id, tier): pair ((preferred, 0), (rejected, 1));
+    # ranking: tier = position; feedback: 0 good, 1 bad
+    source: str
+    weight: float = 1.0  # pairs only
+    created: datetime | None = None  # kept when given (part of the record's identity), else now

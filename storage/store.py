@@ -13,10 +13,11 @@ from storage import _schema as S
 from storage.errors import (
     SchemaVersionError,
     StoreError,
+    disk_full_error,
 )
 from storage.collections import CollectionsMixin
 from storage.consistency import ConsistencyMixin
-from storage.home import data_home
+from storage.home import create_private_file, data_home
 from storage.preferences import PreferencesMixin
 from storage.records import (
     Collection,
@@ -97,7 +98,8 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
         in_file = backend == "sqlite" and url.database not in (None, "", ":memory:")
         if in_file:
             url = url.set(database=str(Path(url.database).expanduser()))
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            Path(url.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            create_private_file(Path(url.database))
         if config.index_dir is not None:
             index_root = Path(config.index_dir)
         elif in_file:
@@ -194,10 +196,21 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
     def _write(self) -> Iterator[sa.Connection]:
         # SQLite: BEGIN IMMEDIATE takes the write lock up front, so a transaction never has to
         # upgrade a read snapshot (which fails with SQLITE_BUSY instead of waiting).
-        with self._engine.connect() as conn:
-            conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                yield conn
+        try:
+            with self._engine.connect() as conn:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield conn
+        except sa.exc.OperationalError as exc:
+            full = disk_full_error(exc, self._disk())
+            if full is None:
+                raise
+            raise full from exc
+
+    def _disk(self) -> str:
+        """Where the database writes: the SQLite file's folder, or the server's URL."""
+        database = self._engine.url.database
+        return str(Path(database).parent) if self._sqlite and database not in (None, "", ":memory:") else self.url
 
     # -- index files and checks ----------------------------------------------------------------
 
@@ -219,6 +232,7 @@ def _configure_sqlite(engine: sa.Engine, config: StoreConfig) -> None:
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute(f"PRAGMA synchronous = {config.sqlite_synchronous}")
         cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten, not left in free pages
         cursor.close()
 
     @sa.event.listens_for(engine, "begin")

@@ -124,7 +124,8 @@ def test_prefs_export_import_round_trip_and_users(run, tmp_path):
     run("prefs", "export", "--user", "di", "-o", str(other))
     run("users", "delete", "di")
     (tmp_path / "all.jsonl").write_text(exported)
-    assert _json(run("prefs", "import", str(tmp_path / "all.jsonl"), "--json")) == {"pair": 1, "ranking": 1, "feedback": 1}
+    assert _json(run("prefs", "import", str(tmp_path / "all.jsonl"), "--json")) == {
+        "new": {"pair": 1, "ranking": 1, "feedback": 1}, "present": {"pair": 0, "ranking": 0, "feedback": 0}}
     strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "created"} for line in text.splitlines()]  # noqa: E731
     assert strip(run("prefs", "export").output) == strip(exported)
 

@@ -79,7 +79,7 @@ def test_local_files_are_hashed_like_the_indexer_does(store, tmp_path):
 @pytest.mark.parametrize(
     ("shards", "message"),
     [
-        ([(unit_rows(2, d=16), [{"url": "a"}, {"url": "b"}])], r"dimension 16, collection 'default' has 32"),
+        ([(unit_rows(2, d=16), [{"url": "a"}, {"url": "b"}])], r"have dimension 16, but clipbt-test-vit embeds in dimension 32: nothing imported"),
         ([(unit_rows(2), [{"url": "a"}])], r"has 2 rows but .* has 1"),
         ([(unit_rows(1), [{"path": "a"}])], r"no image_path or url column \(columns: path\)"),
     ],

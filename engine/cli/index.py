@@ -23,8 +23,10 @@ EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see t
 
 def _batch_size_option() -> list[click.Parameter]:
     from indexer.pipeline import IndexOptions
+    from storage.limits import LIMITS
 
-    return [click.Option(["--batch-size"], default=IndexOptions.batch_size, show_default=True, type=click.IntRange(1),
+    return [click.Option(["--batch-size"], default=IndexOptions.batch_size, show_default=True,
+                         type=click.IntRange(1, LIMITS.batch_size_max),
                          help="Images per encoder batch and per commit.")]
 
 
@@ -59,7 +61,7 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
 @model_option
 @pretrained_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: CUDA in float16 when present, else CPU].")
-@click.option("--workers", default=None, type=click.IntRange(0),
+@click.option("--workers", default=None, type=click.IntRange(0, 256),
               help="local: decoding processes [default: CPU cores - 1], 0 decodes in the main process; "
                    "ray: encoder actors [default: one per --gpus-per-worker GPUs, else the cluster's CPUs - 1].")
 @click.option("--index-type", default="flat", show_default=True,

@@ -260,13 +260,15 @@ def prefs_export(obj, user, collection, output):
 
 
 @prefs.command("import")
-@click.argument("file", type=click.File("r"))
+@click.argument("file", type=click.File("rb"))
 @click.option("--collection", "-c",
               help="Record them in this collection, images matched by path (default: the collection each names).")
 @json_option
 @click.pass_obj
 def prefs_import(obj, file, collection, as_json):
-    """Read preferences from JSON lines written by `prefs export` (- for stdin).
+    """Read preferences from JSON lines written by `prefs export` (- for stdin), all or nothing:
+    every bad line is reported and then nothing is stored. Records already stored are counted as
+    present, not stored twice, so importing a file again changes nothing.
 
     Example:
 
@@ -277,7 +279,8 @@ def prefs_import(obj, file, collection, as_json):
     if as_json:
         _print_json(counts)
     else:
-        click.echo(", ".join(f"{n} {kind}" for kind, n in counts.items()) + " imported")
+        for state, label in (("new", "imported"), ("present", "already present")):
+            click.echo(f"{label}: " + ", ".join(f"{n} {kind}" for kind, n in counts[state].items()))
 
 
 @click.group(invoke_without_command=True)

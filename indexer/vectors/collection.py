@@ -18,7 +18,7 @@ import numpy as np
 from indexer.vectors.base import VectorIndex
 from indexer.vectors.faiss import plan_index
 from storage import Collection, Store
-from storage.errors import InvalidIndexError
+from storage.errors import DiskFullError, InvalidIndexError, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,29 @@ class IndexFiles:
                     f"manifest says {key} = {value!r} but the index and collection give {computed[key]!r}"
                 )
         identity = {**(extra or {}), **computed}
-        self.identity_path.unlink(missing_ok=True)  # an index saved without its identity is never trusted
-        manifest = index.save(self.directory)
-        write_atomic(self.identity_path, json.dumps(identity, indent=2).encode())
+        text = json.dumps(identity, indent=2).encode()
+        try:
+            previous = self.identity_path.read_bytes()
+        except OSError:
+            previous = None
+        if previous != text:  # a new identity: no index file may be trusted under the old one meanwhile
+            self.identity_path.unlink(missing_ok=True)
+        try:
+            manifest = index.save(self.directory)  # replaces the index files atomically
+            if previous != text:
+                write_atomic(self.identity_path, text)
+        except (OSError, DiskFullError) as exc:
+            # A failed save leaves the previous index files and manifest as they were (they are
+            # replaced atomically), so the previous identity is true again: restore it.
+            if previous is not None:
+                try:
+                    write_atomic(self.identity_path, previous)
+                except OSError:
+                    pass
+            full = exc if isinstance(exc, DiskFullError) else disk_full_error(exc, self.directory)
+            if full is None:
+                raise
+            raise full from None
         return {**manifest, **identity}
 
     def load(self, expected: IndexExpectation | None = None) -> VectorIndex | None:
@@ -188,6 +208,29 @@ def refresh(store: Store, coll: Collection, index_type: str, added: np.ndarray) 
     rebuild(store, coll, index_type)
 
 
+def catch_up(store: Store, coll: Collection, index: VectorIndex) -> VectorIndex | None:
+    """A copy of a loaded `index` with the images added and deleted since applied (reading the
+    embeddings of the added ones only), for a process that keeps an index loaded while others
+    index: the loaded one stays searchable meanwhile. None when a rebuild is due instead (an id
+    the collection does not know, or, for a trained type, more new images than `refresh` adds)."""
+    expected = IndexFiles(store, coll).expected()
+    held = index.ids()
+    added = np.setdiff1d(expected.live_ids, held)
+    gone = np.setdiff1d(held, expected.live_ids)
+    index_type = getattr(index, "index_type", None)
+    if index_type is None or not hasattr(index, "copy") or np.setdiff1d(gone, expected.deleted_ids).size:
+        return None
+    small = max(1.0, _REUSE_LIMIT * len(index))
+    if not (plan_index(index_type, len(index), coll.dim) in ("Flat", "SQfp16") or added.size <= small):
+        return None
+    updated = index.copy()
+    if added.size:
+        updated.add(*store.embeddings(coll.id, added))
+    if gone.size:
+        updated.remove(gone)
+    return updated
+
+
 def open_index(store: Store, collection: str | int | Collection) -> VectorIndex:
     """A collection's saved index, or one rebuilt (and saved) from SQL when missing or stale, logging why."""
     coll = store.collection(collection)
@@ -195,5 +238,10 @@ def open_index(store: Store, collection: str | int | Collection) -> VectorIndex:
     index = files.load()
     if index is None:
         log.warning("rebuilding the vector index of collection %r: %s", coll.name, files.reason)
-        index = rebuild(store, coll, (files.identity() or {}).get("index_type", "flat"))
+        index_type = (files.identity() or {}).get("index_type", "flat")
+        index = build(store, coll, index_type)
+        try:
+            files.save(index, index_type)
+        except DiskFullError as exc:  # searching works from the rebuilt index in memory all the same
+            log.warning("the rebuilt index of collection %r was not saved: %s", coll.name, exc)
     return index

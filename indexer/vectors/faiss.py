@@ -39,11 +39,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from indexer.errors import FaissUnavailableError, IndexTypeError
 from indexer.vectors.base import VectorIndex
-from storage.errors import InvalidIndexError
+from storage.errors import InvalidIndexError, disk_full_error
 
 INDEX_TYPES = ("flat", "flat16", "ivf", "ivfpq", "hnsw")
 _PQ_SIZES = (64, 48, 32, 16, 8, 4, 2, 1)  # bytes per code that FAISS's GPU IVF-PQ supports
@@ -262,7 +262,7 @@ class FaissIndex(VectorIndex):
     def save(self, directory: Path) -> dict:
         faiss = require_faiss()
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock, FileLock(str(directory / ".lock")):
             for stale in directory.glob(".tmp-*"):  # left by a killed save
                 stale.unlink(missing_ok=True)
@@ -287,6 +287,11 @@ class FaissIndex(VectorIndex):
                 os.replace(tmp, directory / name)
                 manifest.update(file=name, file_sha256=digest, file_size=size)
                 write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+            except (OSError, RuntimeError) as exc:  # FAISS reports a failed write as RuntimeError
+                full = disk_full_error(exc, directory)
+                if full is None:
+                    raise
+                raise full from None
             finally:
                 tmp.unlink(missing_ok=True)
             for old in directory.glob("index-*.faiss"):
@@ -294,10 +299,17 @@ class FaissIndex(VectorIndex):
                     old.unlink(missing_ok=True)
         return manifest
 
+    def copy(self) -> "FaissIndex":
+        """An independent copy (on the CPU, placed like this one): changed while this one is searched."""
+        faiss = require_faiss()
+        with self._lock:
+            return FaissIndex(faiss.clone_index(self.cpu), self.index_type, self._excluded, gpu=self._gpu)
+
     @classmethod
     def load(cls, directory: Path, gpu: bool = True) -> "FaissIndex":
         faiss = require_faiss()
         directory = Path(directory)
+        _remove_stale_temporaries(directory)
         path = directory / MANIFEST
         try:
             manifest = json.loads(path.read_text())
@@ -323,6 +335,19 @@ class FaissIndex(VectorIndex):
         if ids is None or ids.size != manifest.get("count") or ids_digest(np.sort(ids)) != manifest.get("ids_sha256"):
             raise InvalidIndexError(f"index file {path} holds other ids than its manifest lists")
         return cls(index, manifest.get("index_type", "flat"), manifest.get("excluded", ()), gpu=gpu)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove `.tmp-*` files a killed save left in `directory`, unless a save is running now (it
+    holds the folder's lock and its own temporary file)."""
+    if not any(directory.glob(".tmp-*")):
+        return
+    try:
+        with FileLock(str(directory / ".lock"), timeout=0):
+            for stale in directory.glob(".tmp-*"):
+                stale.unlink(missing_ok=True)
+    except (Timeout, OSError):  # a save in progress, or a read-only folder: leave them for later
+        pass
 
 
 def _check_vectors(ids, vectors, dim: int) -> tuple[np.ndarray, np.ndarray]:
