@@ -6,19 +6,20 @@ How a search runs (queries Q float32 (B, d), k results each):
    codes packed for fbgemm on a CPU (`precision="int8"`), float16 on CUDA (`"float16"`). The
    sketch product S~ = Q^ X^T is taken chunk by chunk (`chunk_rows` rows at a time, so a search
    never holds more than a (B, chunk_rows) block of scores), deleted rows are masked to -inf, the
-   running k-th best sketch score per query is kept, and every row of the chunk within 2e of it
-   (below) is collected (from the chunk's top max(2k, 64), or from all its scores when that top
+   running k-th best lower bound L (below) per query is kept, and every row of the chunk whose
+   upper bound reaches it is collected (from the chunk's top max(2k, 64), or from all its scores when that top
    ends inside the window): a superset of the final candidates, pruned after the last chunk.
-2. Selection. With e the bound on |S~ - Q X^T| derived below, a row can be in the float32 top-k
-   only if its sketch score is within 2e of the k-th best sketch score: every candidate i with
-   S~_i >= S~_(k) - 2e is kept. Proof: each of the k best sketch rows has a true score >=
-   S~_(k) - e, so the k-th best true score is >= S~_(k) - e; a row with S~_i < S~_(k) - 2e has a
-   true score < S~_(k) - e, strictly below k rows, so it is not in any top-k, ties included.
+2. Selection. With e_c the bound on |S~ - Q X^T| over chunk c (derived below, from the chunk's
+   own R and N), every row's true score lies in [S~ - e_c, S~ + e_c]. Let L be the k-th best
+   lower bound S~_j - e_c(j). A row is a candidate when its upper bound S~_i + e_c(i) >= L; with
+   one e for all rows this is "S~_i within 2e of the k-th best S~". Proof: k rows have true
+   scores >= L; a row with S~_i + e_c(i) < L has a true score < L, strictly below those k rows,
+   so it is in no top-k, ties included.
 3. Rescoring. The candidates' rows, stored exactly (float16 when that is lossless, as for the
    store's float16 embeddings, else float32), are scored in float32 against the float32 query and
    the top-k of those is returned: it equals the float32 top-k, ties allowed.
 4. Fallback. A query with more than min(`candidate_limit`, max(4k, rows / 64)) candidates
-   (counted against the running k-th best, so over a superset of the final set; past rows / 64,
+   (counted against the running L, so over a superset of the final set; past rows / 64,
    gathering and rescoring rows one by one costs more than the product) takes the float32 product over all rows
    instead, and `fallbacks` in describe() counts it. `precision="float32"` does that for all, and
    so does every search of a collection under `sketch_from_rows` rows (not counted).
@@ -374,22 +375,20 @@ class ExactIndex(VectorIndex):
     def _search_sketch(self, snap: _Snapshot, q: torch.Tensor, k: int):
         """Steps 1-3 of the module docstring: (scores (B, k'), row positions (B, k'), queries left for the float32 product)."""
         q_low, q_norm, q_resid, q_hat_norm = _queries_for(self.precision, q)
-        resid = max(c.resid for c in snap.chunks)
-        norm = max(c.norm for c in snap.chunks)
-        if self.precision == "int8":
-            bound = int8_error_bound(q_norm, q_resid, q_hat_norm, resid, norm)
-        else:
-            bound = float16_error_bound(q_norm, q_resid, q_hat_norm, resid, norm, self.dim)
-        window = (2 * bound).float()
         limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // 64))
         width = max(2 * k, 64)  # sketch results taken per chunk by top-k; a query with more candidates in a chunk takes them all
-        best = None  # (B, <= k) the best sketch scores so far
-        found_q, found_p, found_s = [], [], []
+        low = None  # (B, <= k) the best lower bounds S~ - e found so far
+        found_q, found_p, found_u = [], [], []  # candidates: query, row position, upper bound S~ + e
         for chunk, start in zip(snap.chunks, snap.starts):
+            if self.precision == "int8":
+                e = int8_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm).float()
+            else:
+                e = float16_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm, self.dim).float()
             s = self._sketch_scores(chunk, q_low)
             v, i = s.topk(min(width, s.shape[1]), dim=1)
-            best = v[:, :k] if best is None else torch.cat([best, v[:, :k]], 1).topk(min(k, best.shape[1] + v.shape[1]), dim=1).values
-            threshold = _threshold(best, k, window)
+            lows = v[:, :k] - e[:, None]
+            low = lows if low is None else torch.cat([low, lows], 1).topk(min(k, low.shape[1] + lows.shape[1]), dim=1).values
+            threshold = _at_least(_kth(low, k) - e)  # S~ a row of this chunk needs
             keep = v >= threshold[:, None]
             if v.shape[1] < s.shape[1] and bool(keep[:, -1].any()):  # the top-k may have cut candidates off
                 over = keep[:, -1].nonzero(as_tuple=True)[0]
@@ -397,17 +396,16 @@ class ExactIndex(VectorIndex):
                 qi, col = (s[over] >= threshold[over, None]).nonzero(as_tuple=True)
                 found_q.append(over[qi])
                 found_p.append(col + int(start))
-                found_s.append(s[over[qi], col])
+                found_u.append(s[over[qi], col] + e[over[qi]])
             qi, slot = keep.nonzero(as_tuple=True)
             found_q.append(qi)
             found_p.append(i[qi, slot] + int(start))
-            found_s.append(v[qi, slot])
-        threshold = _threshold(best, k, window)
-        qi, pos, sketch = torch.cat(found_q), torch.cat(found_p), torch.cat(found_s)
+            found_u.append(v[qi, slot] + e[qi])
+        qi, pos, upper = torch.cat(found_q), torch.cat(found_p), torch.cat(found_u)
         counts = torch.bincount(qi, minlength=len(q))
         fallback = counts > limit  # counted against the running threshold: a superset of the final candidates
-        keep = (sketch >= threshold[qi]) & ~fallback[qi]
-        top, where = self._rescore(snap, q, qi[keep], pos[keep], min(k, best.shape[1]))
+        keep = (upper >= _kth(low, k)[qi]) & ~fallback[qi]
+        top, where = self._rescore(snap, q, qi[keep], pos[keep], min(k, low.shape[1]))
         return top, where, fallback.nonzero(as_tuple=True)[0]
 
     def _rescore(self, snap: _Snapshot, q: torch.Tensor, cand_q: torch.Tensor, cand_p: torch.Tensor, k: int):
@@ -515,11 +513,16 @@ class ExactIndex(VectorIndex):
         return index
 
 
-def _threshold(best: torch.Tensor, k: int, window: torch.Tensor) -> torch.Tensor:
-    """(B,) the least sketch score a candidate may have: the k-th best minus 2e, or (fewer than k live rows) the least finite float32."""
+def _kth(best: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) the k-th column of `best` (B, <= k), -inf where it has fewer than k columns."""
     if best.shape[1] < k:
-        return torch.full_like(window, torch.finfo(torch.float32).min)
-    return torch.clamp(best[:, k - 1] - window, min=torch.finfo(torch.float32).min)
+        return torch.full((len(best),), -math.inf, device=best.device)
+    return best[:, k - 1]
+
+
+def _at_least(threshold: torch.Tensor) -> torch.Tensor:
+    """`threshold` raised to the least finite float32, so that masked (-inf) scores never pass it."""
+    return torch.clamp(threshold, min=torch.finfo(torch.float32).min)
 
 
 def _ids_at(snap: _Snapshot, positions: np.ndarray) -> np.ndarray:
