@@ -12,12 +12,14 @@ query at a time (median of `--reps`) and batches of 256 on a CPU, 1024 on a GPU 
 every result of the method equals the float64 brute-force top-k (each returned id carries the
 reference's score at its rank, to 1e-5; ties allowed). `kernels`: the bare score products
 (float32, bfloat16, float16 matmul; fbgemm int8) with top-k, measured the same way, which is why
-ExactIndex picks its candidate pass per device.
+ExactIndex picks its candidate pass per device. `load_average`: the machine's 1/5/15-minute load
+before and after, since other work on a shared machine slows both methods.
 Writes benchmarks/results/exact_cpu.json (exact_gpu.json on a GPU) and a PNG beside it.
 """
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -118,6 +120,7 @@ def main() -> None:
     singles = clustered(rng, centres, args.reps)
     batch = clustered(rng, centres, batch_size)
 
+    load_before = os.getloadavg()
     start = time.perf_counter()
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(vectors)
@@ -158,6 +161,7 @@ def main() -> None:
         "index": ours.describe(),
         "choice": {"backend": backend, "reason": reason},
         "kernels": kernels(vectors, singles, batch, device, rng),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"exact_{'gpu' if device == 'cuda' else 'cpu'}.json"

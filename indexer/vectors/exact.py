@@ -7,8 +7,9 @@ How a search runs (queries Q float32 (B, d), k results each):
    sketch product S~ = Q^ X^T is taken chunk by chunk (`chunk_rows` rows at a time, so a search
    never holds more than a (B, chunk_rows) block of scores), deleted rows are masked to -inf, the
    running k-th best lower bound L (below) per query is kept, and every row of the chunk whose
-   upper bound reaches it is collected (from the chunk's top max(2k, 64), or from all its scores when that top
-   ends inside the window): a superset of the final candidates, pruned after the last chunk.
+   upper bound reaches it is collected from the chunk's top max(2k, 64) sketch scores: a superset
+   of the final candidates, pruned after the last chunk; where that top ends above the final L,
+   the chunk is scored again for that query and all its candidates taken.
 2. Selection. With e_c the bound on |S~ - Q X^T| over chunk c (derived below, from the chunk's
    own R and N), every row's true score lies in [S~ - e_c, S~ + e_c]. Let L be the k-th best
    lower bound S~_j - e_c(j). A row is a candidate when its upper bound S~_i + e_c(i) >= L; with
@@ -19,9 +20,8 @@ How a search runs (queries Q float32 (B, d), k results each):
    store's float16 embeddings, else float32), are scored in float32 against the float32 query and
    the top-k of those is returned: it equals the float32 top-k, ties allowed.
 4. Fallback. A query with more than min(`candidate_limit`, max(4k, rows / 64)) candidates
-   (counted against the running L, so over a superset of the final set; past rows / 64,
-   gathering and rescoring rows one by one costs more than the product) takes the float32 product over all rows
-   instead, and `fallbacks` in describe() counts it. `precision="float32"` does that for all, and
+   (past rows / 64, gathering and rescoring rows one by one costs more than the product) takes
+   the float32 product over all rows instead, and `fallbacks` in describe() counts it. `precision="float32"` does that for all, and
    so does every search of a collection under `sketch_from_rows` rows (not counted).
 
 The error bound e (per query; norms are Euclidean, u32 = 2^-24 the unit roundoff of float32):
@@ -89,7 +89,7 @@ class ExactConfig:
 
     device: str = "cpu"  # torch device of the stored rows: "cpu", "cuda", "cuda:1"
     precision: str = "auto"  # candidate pass: "int8" (CPU fbgemm), "float16" (CUDA), "float32" (none); "auto" picks per device
-    chunk_rows: int = 32768  # rows per chunk: a search holds at most a (B, chunk_rows) block of scores
+    chunk_rows: int = 65536  # rows per chunk: a search holds at most a (B, chunk_rows) block of scores
     sketch_from_rows: int = 50_000  # smaller collections skip the candidate pass: its loose window would take too many candidates
     candidate_limit: int = 4096  # most candidates rescored per query (and at most max(4k, rows/64)); beyond, the float32 product
 
@@ -372,39 +372,54 @@ class ExactIndex(VectorIndex):
             s.masked_fill_(~chunk.alive, -math.inf)
         return s
 
+    def _bound(self, chunk: _Chunk, q_norm, q_resid, q_hat_norm) -> torch.Tensor:
+        """(B,) float32 e_c: the most a sketch score of this chunk errs, per query."""
+        if self.precision == "int8":
+            return int8_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm).float()
+        return float16_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm, self.dim).float()
+
     def _search_sketch(self, snap: _Snapshot, q: torch.Tensor, k: int):
         """Steps 1-3 of the module docstring: (scores (B, k'), row positions (B, k'), queries left for the float32 product)."""
         q_low, q_norm, q_resid, q_hat_norm = _queries_for(self.precision, q)
         limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // 64))
         width = max(2 * k, 64)  # sketch results taken per chunk by top-k; a query with more candidates in a chunk takes them all
         low = None  # (B, <= k) the best lower bounds S~ - e found so far
-        found_q, found_p, found_u = [], [], []  # candidates: query, row position, upper bound S~ + e
-        for chunk, start in zip(snap.chunks, snap.starts):
-            if self.precision == "int8":
-                e = int8_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm).float()
-            else:
-                e = float16_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm, self.dim).float()
+        found_q, found_p, found_u, found_c = [], [], [], []  # candidates: query, row position, upper bound S~ + e, chunk
+        bounds, edges = [], []  # per chunk (B,): e, and the upper bound of the best row its top-k left out
+        for c, (chunk, start) in enumerate(zip(snap.chunks, snap.starts)):
+            e = self._bound(chunk, q_norm, q_resid, q_hat_norm)
             s = self._sketch_scores(chunk, q_low)
             v, i = s.topk(min(width, s.shape[1]), dim=1)
             lows = v[:, :k] - e[:, None]
             low = lows if low is None else torch.cat([low, lows], 1).topk(min(k, low.shape[1] + lows.shape[1]), dim=1).values
-            threshold = _at_least(_kth(low, k) - e)  # S~ a row of this chunk needs
-            keep = v >= threshold[:, None]
-            if v.shape[1] < s.shape[1] and bool(keep[:, -1].any()):  # the top-k may have cut candidates off
-                over = keep[:, -1].nonzero(as_tuple=True)[0]
-                keep[over] = False
-                qi, col = (s[over] >= threshold[over, None]).nonzero(as_tuple=True)
-                found_q.append(over[qi])
-                found_p.append(col + int(start))
-                found_u.append(s[over[qi], col] + e[over[qi]])
-            qi, slot = keep.nonzero(as_tuple=True)
+            qi, slot = (v >= _at_least(_kth(low, k) - e)[:, None]).nonzero(as_tuple=True)
             found_q.append(qi)
             found_p.append(i[qi, slot] + int(start))
             found_u.append(v[qi, slot] + e[qi])
-        qi, pos, upper = torch.cat(found_q), torch.cat(found_p), torch.cat(found_u)
-        counts = torch.bincount(qi, minlength=len(q))
-        fallback = counts > limit  # counted against the running threshold: a superset of the final candidates
-        keep = (upper >= _kth(low, k)[qi]) & ~fallback[qi]
+            found_c.append(torch.full_like(qi, c))
+            bounds.append(e)
+            edges.append(v[:, -1] + e if v.shape[1] < s.shape[1] else torch.full_like(e, -math.inf))
+        qi, pos, upper, chunk_of = torch.cat(found_q), torch.cat(found_p), torch.cat(found_u), torch.cat(found_c)
+        least = _kth(low, k)
+        rescan = torch.stack(edges) >= least  # (chunks, B): the chunk's top-k may have cut candidates off
+        fallback = torch.zeros(len(q), dtype=torch.bool, device=self.device)
+        if bool(rescan.any()):  # take every candidate of those chunks for those queries, replacing the top-k ones
+            keep = ~rescan[chunk_of, qi]
+            more = [(qi[keep], pos[keep], upper[keep])]
+            counts = torch.zeros(len(q), dtype=torch.long, device=self.device)
+            for c in rescan.any(1).nonzero(as_tuple=True)[0].tolist():
+                rows = rescan[c].nonzero(as_tuple=True)[0]
+                s = self._sketch_scores(snap.chunks[c], q_low[rows]) + bounds[c][rows, None]
+                hit_q, col = (s >= _at_least(least[rows])[:, None]).nonzero(as_tuple=True)
+                counts[rows] += torch.bincount(hit_q, minlength=len(rows))
+                fallback |= counts > limit  # stop collecting for these at once: memory stays bounded
+                ok = ~fallback[rows[hit_q]]
+                more.append((rows[hit_q[ok]], col[ok] + int(snap.starts[c]), s[hit_q[ok], col[ok]]))
+            qi, pos, upper = (torch.cat(parts) for parts in zip(*more))
+        keep = upper >= least[qi]
+        qi, pos = qi[keep], pos[keep]
+        fallback |= torch.bincount(qi, minlength=len(q)) > limit
+        keep = ~fallback[qi]
         top, where = self._rescore(snap, q, qi[keep], pos[keep], min(k, low.shape[1]))
         return top, where, fallback.nonzero(as_tuple=True)[0]
 
