@@ -7,7 +7,7 @@ How a search runs (queries Q float32 (B, d), k results each):
    sketch product S~ = Q^ X^T is taken chunk by chunk (`chunk_rows` rows at a time, so a search
    never holds more than a (B, chunk_rows) block of scores), deleted rows are masked to -inf, the
    running k-th best lower bound L (below) per query is kept, and every row of the chunk whose
-   upper bound reaches it is collected from the chunk's top max(2k, 64) sketch scores: a superset
+   upper bound reaches it is collected from the chunk's top max(4k, 128) sketch scores: a superset
    of the final candidates, pruned after the last chunk; where that top ends above the final L,
    the chunk is scored again for that query and all its candidates taken.
 2. Selection. With e_c the bound on |S~ - Q X^T| over chunk c (derived below, from the chunk's
@@ -29,8 +29,8 @@ write the query actually used as q (float32 values taken as exact reals), a stor
 their low-precision forms q^, x^. For real arithmetic
     |q.x - q^.x^| = |q.(x - x^) + (q - q^).x^| <= |q| |x - x^| + |q - q^| |x^|     (Cauchy-Schwarz)
            <= |q| R + r_q N,
-where R = max over rows of |x - x^| and N = max |x^|, both computed in float64 when a chunk is
-built, and r_q = |q - q^| in float64 per query. The computed product adds its own rounding:
+where R = max |x - x^| and N = max |x^| over the rows of one chunk (so e is per chunk, e_c),
+both computed in float64 when the chunk is built, and r_q = |q - q^| in float64 per query. The computed product adds its own rounding:
 
   int8 (CPU, fbgemm). Each row is scaled by w = max|x|/127 (float32) and rounded to codes c in
   [-127, 127], x^ = c w. Each query is first multiplied by a positive constant (63/64)/max|q|,
@@ -45,17 +45,23 @@ built, and r_q = |q - q^| in float64 per query. The computed product adds its ow
   not the typical error.)
 
   float16 (CUDA; also runs on a CPU, for the tests). x^ = fl16(x), q^ = fl16(q): R and r_q as
-  above (R = 0 when the rows are float16 already). The product accumulates in float32; allowing
+  above (R = 0 when the rows are float16 already). Each product of two float16 numbers is exact
+  in float32, and the sum accumulates in float32; allowing
   for accumulators that truncate instead of rounding, take u' = 2 u32 = 2^-23, so that a sum of
-  d products errs by at most gamma_d |q^| N with gamma_d = d u' / (1 - d u') (Higham, Accuracy
-  and Stability of Numerical Algorithms, eq. 3.5); the float16 output then rounds once more,
+  d products errs by at most gamma_d sum |q^_i x^_i| <= gamma_d |q^| N with gamma_d = d u' /
+  (1 - d u') (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section 3.1); the float16 output then rounds once more,
   relatively by 2^-11, or absolutely by 2^-25 in the subnormal range:
-      e_fp16 = |q| R + r_q N + gamma_d |q^| N + 2^-11 (1 + gamma_d) |q^| N + 2^-25.
+      e_fp16 = |q| R + r_q N + gamma_d |q^| N + 2^-11 (1 + gamma_d) |q^| N + 2^-25,
+  and infinite (every row a candidate, so the query falls back) when |q^| N >= 2^15, where a
+  float16 score could overflow.
   This needs cuBLAS to reduce in float32, so building a CUDA index sets
   torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False; a search that
   finds it switched back on takes the float32 fallback (counted).
 
 Both bounds are multiplied by 1 + 2^-20 to cover the float64 arithmetic that computed R, N, r_q.
+The comparisons with S~ - e and S~ + e are made in float32, so e is then enlarged by
+4 u32 (|q^| N + e): more than the three roundings involved (e to float32, the sum, the
+difference), each at most u32 (|q^| N + e), can take away.
 """
 
 import hashlib
@@ -152,8 +158,9 @@ def float16_error_bound(q_norm, q_resid, q_hat_norm, resid: float, norm: float, 
     if dim * unit >= 1:
         raise ValueError(f"dimension {dim} is too large for the float16 bound (needs d < 2^23)")
     gamma = dim * unit / (1 - dim * unit)
-    return (q_norm * resid + q_resid * norm + gamma * q_hat_norm * norm
-            + 2.0**-11 * (1 + gamma) * q_hat_norm * norm + 2.0**-25) * _SAFETY
+    bound = (q_norm * resid + q_resid * norm + gamma * q_hat_norm * norm
+             + 2.0**-11 * (1 + gamma) * q_hat_norm * norm + 2.0**-25) * _SAFETY
+    return torch.where(q_hat_norm * norm < 2.0**15, bound, math.inf)  # past that a float16 score may overflow
 
 
 def sketch_rows(rows: torch.Tensor, precision: str, block: int = 4096):
@@ -247,6 +254,7 @@ class ExactIndex(VectorIndex):
         if self.device.type == "cuda" and self.precision == "float16":
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
         self._lock = threading.Lock()  # serialises add and remove; searches never take it
+        self._save_lock = threading.Lock()  # one save at a time: they share the manifest's temp file
         self._counter_lock = threading.Lock()
         self._fallbacks = 0
         self._snap = _snapshot(())
@@ -289,7 +297,7 @@ class ExactIndex(VectorIndex):
             if present.size:
                 raise ValueError(f"ids already in the index: {present[:5].tolist()}: remove them first")
             chunks = list(snap.chunks)
-            new_rows = torch.from_numpy(vectors).to(self.device)
+            new_rows = torch.from_numpy(vectors.copy() if self.device.type == "cpu" else vectors).to(self.device)  # never the caller's memory
             size = self.config.chunk_rows
             if chunks and len(chunks[-1].ids) < size:
                 last = chunks.pop()
@@ -373,16 +381,18 @@ class ExactIndex(VectorIndex):
         return s
 
     def _bound(self, chunk: _Chunk, q_norm, q_resid, q_hat_norm) -> torch.Tensor:
-        """(B,) float32 e_c: the most a sketch score of this chunk errs, per query."""
+        """(B,) float32 e_c: the most a sketch score of this chunk errs, per query, with room for float32 comparisons."""
         if self.precision == "int8":
-            return int8_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm).float()
-        return float16_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm, self.dim).float()
+            e = int8_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm)
+        else:
+            e = float16_error_bound(q_norm, q_resid, q_hat_norm, chunk.resid, chunk.norm, self.dim)
+        return (e + 4 * U32 * (q_hat_norm * chunk.norm + e)).float()
 
     def _search_sketch(self, snap: _Snapshot, q: torch.Tensor, k: int):
         """Steps 1-3 of the module docstring: (scores (B, k'), row positions (B, k'), queries left for the float32 product)."""
         q_low, q_norm, q_resid, q_hat_norm = _queries_for(self.precision, q)
         limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // 64))
-        width = max(2 * k, 64)  # sketch results taken per chunk by top-k; a query with more candidates in a chunk takes them all
+        width = max(4 * k, 128)  # sketch results taken per chunk by top-k; a query with more candidates in a chunk is scored again
         low = None  # (B, <= k) the best lower bounds S~ - e found so far
         found_q, found_p, found_u, found_c = [], [], [], []  # candidates: query, row position, upper bound S~ + e, chunk
         bounds, edges = [], []  # per chunk (B,): e, and the upper bound of the best row its top-k left out
@@ -477,7 +487,10 @@ class ExactIndex(VectorIndex):
 
     def save(self, directory: Path) -> dict:
         """Write the live rows and ids under fresh names (temp file, fsync, rename), then the manifest the same way, then drop the old files."""
-        directory = Path(directory)
+        with self._save_lock:
+            return self._save(Path(directory))
+
+    def _save(self, directory: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
         snap = self._snap
         ids, rows = [], []

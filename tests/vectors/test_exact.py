@@ -166,6 +166,29 @@ def test_chunked_equals_unchunked(precision):
 
 
 @needs_int8
+def test_a_crowd_of_near_ties_is_rescanned_not_cut_off():
+    """300 near-copies of one vector in one chunk: more candidates than a chunk's top-k keeps, fewer than the limit."""
+    rng = np.random.default_rng(11)
+    d = 32
+    anchor = unit(rng.standard_normal((1, d)))
+    crowd = unit(np.repeat(anchor, 300, axis=0) + 2e-3 * rng.standard_normal((300, d)))
+    base = np.vstack([unit(rng.standard_normal((20000, d))), crowd, unit(rng.standard_normal((19700, d)))])
+    ids = rng.permutation(len(base)).astype(np.int64)
+    index = ExactIndex(d, ExactConfig(chunk_rows=20000, sketch_from_rows=0))
+    index.add(ids, base)
+    queries = np.vstack([anchor, unit(anchor + 1e-3 * rng.standard_normal((3, d)))])
+    for k in (5, 26):
+        scores, got = index.search(queries, k)
+        assert_topk_equal(ids, base, queries, k, scores, got)
+    assert index.describe()["fallbacks"] == 0
+    tight = ExactIndex(d, ExactConfig(chunk_rows=20000, sketch_from_rows=0, candidate_limit=150))
+    tight.add(ids, base)
+    scores, got = tight.search(queries, 5)  # the rescan finds 300 candidates: over the limit, so the float32 product
+    assert_topk_equal(ids, base, queries, 5, scores, got)
+    assert tight.describe()["fallbacks"] == len(queries)
+
+
+@needs_int8
 def test_deleted_rows_are_masked_not_searched_past():
     ids, base, queries = search_data()
     index = ExactIndex(base.shape[1], ExactConfig(chunk_rows=1000, sketch_from_rows=0))
