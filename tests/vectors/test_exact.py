@@ -15,6 +15,7 @@ from indexer.vectors.base import brute_force_topk
 from indexer.vectors.exact import (
     ExactConfig,
     ExactIndex,
+    _int8_pack,
     _int8_product,
     _queries_for,
     choose_flat_backend,
@@ -122,8 +123,6 @@ def test_int8_kernel_is_exact_on_integer_grids():
     codes[0], codes[1] = 127, -127
     m = torch.from_numpy(rng.integers(-63, 64, (9, 512)).astype(np.float32))
     m[0], m[1] = 63, -63
-    from indexer.vectors.exact import _int8_pack
-
     got = _int8_product(m / 64, _int8_pack(codes, torch.ones(300)))
     assert torch.equal(got.double(), (m.double() @ codes.double().T) / 64)
 
