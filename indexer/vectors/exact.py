@@ -17,7 +17,7 @@ How a search runs (queries Q float32 (B, d), k results each):
    scores >= L; a row with S~_i + e_c(i) < L has a true score < L, strictly below those k rows,
    so it is in no top-k, ties included.
 3. Rescoring. The candidates' rows, stored exactly (float16 when that is lossless, as for the
-   store's float16 embeddings, else float32), are scored in float32 against the float32 query and
+   store's float16 embeddings, else float32; float32 always below `sketch_from_rows` rows), are scored in float32 against the float32 query and
    the top-k of those is returned: it equals the float32 top-k, ties allowed.
 4. Fallback. A query with more than min(`candidate_limit`, max(4k, rows / 64)) candidates
    (past rows / 64, gathering and rescoring rows one by one costs more than the product) takes
@@ -261,10 +261,11 @@ class ExactIndex(VectorIndex):
 
     # ---- building ----
 
-    def _chunk(self, ids: np.ndarray, rows32: torch.Tensor, alive: torch.Tensor | None) -> _Chunk:
-        """A chunk holding float32 `rows32` (m, d) on the device, stored float16 where that loses nothing."""
+    def _chunk(self, ids: np.ndarray, rows32: torch.Tensor, alive: torch.Tensor | None, total: int) -> _Chunk:
+        """A chunk holding float32 `rows32` (m, d) on the device, stored float16 where that loses nothing and the
+        index, of `total` rows, is large enough for the candidate pass (smaller ones take the float32 product every search)."""
         rows = rows32
-        if self.precision != "float32":
+        if self.precision != "float32" and total >= self.config.sketch_from_rows:
             half = rows32.half()
             if torch.equal(half.float(), rows32):
                 rows = half
@@ -297,6 +298,7 @@ class ExactIndex(VectorIndex):
             if present.size:
                 raise ValueError(f"ids already in the index: {present[:5].tolist()}: remove them first")
             chunks = list(snap.chunks)
+            total = int(snap.starts[-1]) + len(ids)
             new_rows = torch.from_numpy(vectors.copy() if self.device.type == "cpu" else vectors).to(self.device)  # never the caller's memory
             size = self.config.chunk_rows
             if chunks and len(chunks[-1].ids) < size:
@@ -304,10 +306,10 @@ class ExactIndex(VectorIndex):
                 room = size - len(last.ids)
                 alive = None if last.alive is None else torch.cat([last.alive, torch.ones(min(room, len(ids)), dtype=torch.bool, device=self.device)])
                 chunks.append(self._chunk(np.concatenate([last.ids, ids[:room]]),
-                                          torch.cat([last.rows.float(), new_rows[:room]]), alive))
+                                          torch.cat([last.rows.float(), new_rows[:room]]), alive, total))
                 ids, new_rows = ids[room:], new_rows[room:]
             for start in range(0, len(ids), size):
-                chunks.append(self._chunk(ids[start:start + size], new_rows[start:start + size].contiguous(), None))
+                chunks.append(self._chunk(ids[start:start + size], new_rows[start:start + size].contiguous(), None, total))
             self._snap = _snapshot(chunks)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -327,7 +329,7 @@ class ExactIndex(VectorIndex):
                     continue
                 if alive.sum() * 2 < len(alive):  # mostly dead: rebuild from the live rows
                     keep = torch.from_numpy(np.flatnonzero(alive)).to(self.device)
-                    chunks.append(self._chunk(chunk.ids[alive], chunk.rows.float()[keep], None))
+                    chunks.append(self._chunk(chunk.ids[alive], chunk.rows.float()[keep], None, int(self._snap.starts[-1])))
                 else:
                     chunks.append(replace(chunk, alive=torch.from_numpy(alive).to(self.device), live=int(alive.sum())))
             self._snap = _snapshot(chunks)

@@ -329,10 +329,13 @@ def test_corrupt_or_missing_files_are_named(tmp_path):
 
 def test_float16_rows_are_stored_as_float16_only_when_lossless():
     ids, base, queries = clustered(400, 16, 3, seed=4)
-    index = ExactIndex(16, ExactConfig(precision="float16", chunk_rows=200))
+    index = ExactIndex(16, ExactConfig(precision="float16", chunk_rows=200, sketch_from_rows=0))
     index.add(ids[:200], base[:200].astype(np.float16).astype(np.float32))
     index.add(ids[200:], base[200:])
     assert index.describe()["stored"] == ["float16", "float32"]
+    small = ExactIndex(16, ExactConfig(precision="float16", sketch_from_rows=1000))  # searched in float32: kept so
+    small.add(ids, base.astype(np.float16).astype(np.float32))
+    assert small.describe()["stored"] == ["float32"]
     scores, got = index.search(queries, 5)
     want = np.vstack([base[:200].astype(np.float16).astype(np.float32), base[200:]])
     assert_topk_equal(ids, want, queries, 5, scores, got)
