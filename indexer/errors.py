@@ -21,3 +21,7 @@ class PathNotFoundError(ClipbtError):
 
 class EmbeddingsFormatError(ClipbtError):
     """A precomputed-embeddings folder does not follow the clip-retrieval layout or does not fit the collection."""
+
+
+class MilvusError(ClipbtError):
+    """A Milvus server or milvus-lite file cannot be reached or used: bad URI, unreachable server, missing client."""
