@@ -95,6 +95,20 @@ def test_milvus_lite_builds_with_the_planned_parameters(lite_uri, index_type):
     assert stored["params"] == index.config.plan.build == index.describe()["index_params"]
 
 
+def test_wait_for_index_builds_every_segment_index(tmp_path):
+    uri = tmp_path / "wait.db"
+    ids, base, queries = clustered(3000, 16, 10, seed=13)
+    index = MilvusIndex(MilvusConfig(str(uri), "waited", 16, "hnsw", expected_count=3000))
+    for part in np.array_split(np.arange(3000), 3):  # three flushes: three segments
+        index.add(ids[part], base[part])
+    index.wait_for_index()
+    folder = uri / "collections" / "waited" / "partitions" / "_default"
+    segments = {p.name.removesuffix(".parquet") for p in (folder / "data").glob("*.parquet")}
+    indexed = {p.name.split(".")[0] for p in (folder / "indexes").glob("*.hnsw.idx")}
+    assert segments and segments <= indexed
+    assert recall_at(10, ids, base, queries, index.search(queries, 10)[1]) >= 0.95
+
+
 def test_search_params_grow_with_k(lite_uri):
     """HNSW's ef must reach k: a k above the default ef still returns k distinct ids."""
     ids, base, queries = clustered(400, 16, 5, seed=7)
