@@ -29,3 +29,7 @@ class RayUnavailableError(ClipbtError):
 
 class RayClusterError(ClipbtError):
     """The Ray cluster cannot run the job: it cannot be reached, lacks the GPUs asked for, or a run already holds the staging folder."""
+
+
+class MilvusError(ClipbtError):
+    """A Milvus server or milvus-lite file cannot be reached or used: bad URI, unreachable server, missing client."""
