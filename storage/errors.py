@@ -63,3 +63,11 @@ class InvalidPreferenceError(ClipbtError, ValueError):
 
 class InvalidIndexError(ClipbtError, ValueError):
     """A FAISS index handed to the vector store cannot be saved as the collection's index."""
+
+
+class AccountExistsError(ClipbtError, ValueError):
+    """A `clipbt serve` account with this name already exists."""
+
+
+class UnknownAccountError(ClipbtError, LookupError):
+    """No `clipbt serve` account (or no such token of it) has this name or id."""

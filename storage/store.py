@@ -13,6 +13,7 @@ from storage.errors import (
     SchemaVersionError,
     StoreError,
 )
+from storage.accounts import AccountsMixin
 from storage.collections import CollectionsMixin
 from storage.consistency import ConsistencyMixin
 from storage.home import data_home
@@ -47,7 +48,7 @@ class StoreConfig:
             raise StoreError(f"busy_timeout_s must be positive, got {self.busy_timeout_s!r}")
 
 
-class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
+class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin):
     """Everything clipbt keeps across restarts, behind one SQLAlchemy engine.
 
     Open with `Store.open(url=None, home=None)`; use as a context manager or call `close()`.

@@ -83,3 +83,9 @@ from engine.cli.query import COMMANDS as _QUERY_COMMANDS  # noqa: E402
 
 for _command in _QUERY_COMMANDS:
     main.add_command(_command)
+
+from engine.cli.serve import COMMANDS as _SERVE_COMMANDS, users_add  # noqa: E402
+
+for _command in _SERVE_COMMANDS:
+    main.add_command(_command)
+main.commands["users"].add_command(users_add)
