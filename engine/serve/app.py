@@ -103,7 +103,8 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     """A request that does not fit its Pydantic model: 422 naming the field and the value given."""
     messages = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"] if part not in ("body", "query", "path"))
+        loc = error["loc"][1:] if error["loc"] and error["loc"][0] in ("body", "query", "path", "header") else error["loc"]
+        where = ".".join(str(part) for part in loc)
         if error["type"] == "json_invalid":
             messages.append(f"malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}")
         elif error["type"] == "missing":
