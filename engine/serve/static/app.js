@@ -55,7 +55,11 @@ async function search() {
     $("#results-title").hidden = false;
     $("#results-title").textContent = `Results for “${query}”`;
   } catch (err) { showError(err.message); }
-  finally { $("#app-view").setAttribute("aria-busy", "false"); }
+  finally {
+    const view = $("#app-view");
+    view.dataset.generation = String(Number(view.dataset.generation || 0) + 1);  // results shown so far
+    view.setAttribute("aria-busy", "false");
+  }
 }
 
 function resultItem(hit) {
@@ -72,9 +76,9 @@ function resultItem(hit) {
       el("span", {}, `#${hit.rank} · ${hit.id}`),
       el("span", { class: "votes" },
         el("button", { type: "button", class: "up", "aria-pressed": "false", "aria-label": `Thumbs up image ${hit.id}`,
-                       title: "More like this", onclick: vote(true) }, "👍"),
+                       title: "Thumbs up: more like this", onclick: vote(true) }, "▲"),
         el("button", { type: "button", class: "down", "aria-pressed": "false", "aria-label": `Thumbs down image ${hit.id}`,
-                       title: "Less like this", onclick: vote(false) }, "👎"))));
+                       title: "Thumbs down: less like this", onclick: vote(false) }, "▼"))));
 }
 
 async function loadDuel() {
@@ -103,8 +107,8 @@ function describe(record) {
   if (record.kind === "pair") return `${record.preferred} over ${record.rejected}`;
   if (record.kind === "ranking") return record.images.join(" > ");
   const parts = [];
-  if (record.good.length) parts.push(`👍 ${record.good.join(", ")}`);
-  if (record.bad.length) parts.push(`👎 ${record.bad.join(", ")}`);
+  if (record.good.length) parts.push(`▲ ${record.good.join(", ")}`);
+  if (record.bad.length) parts.push(`▼ ${record.bad.join(", ")}`);
   return parts.join("; ");
 }
 
