@@ -36,11 +36,13 @@ def check_same_origin(request: Request) -> None:
         raise HTTPException(403, f"cross-site request refused: origin {parts.scheme}://{parts.netloc} is not this server")
 
 
-def current_user(request: Request, state: Annotated[ServeState, Depends(get_state)]) -> str:
+async def current_user(request: Request, state: Annotated[ServeState, Depends(get_state)]) -> str:
     """The account name of the caller (the preference user everything is done for); 401 if none.
 
     A bearer token is checked against the stored hashes; a session cookie against live sessions,
-    and for state-changing methods also against the Origin and the X-CSRF-Token header.
+    and for state-changing methods also against the Origin and the X-CSRF-Token header. Run on
+    the event loop: the check is one indexed SELECT (tens of microseconds), cheaper than a hop to
+    a worker thread for every request.
     """
     header = request.headers.get("authorization")
     if header is not None:
