@@ -26,6 +26,15 @@ def _hasher():
     return PasswordHasher()
 
 
+def _verify(hasher, stored: str, password: str) -> bool:
+    from argon2.exceptions import InvalidHashError, VerificationError
+
+    try:
+        return hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
 class AccountsMixin:
     """Accounts (one per preference user, deleted with it), their API tokens and web sessions."""
 
@@ -57,10 +66,7 @@ class AccountsMixin:
         if stored is None:
             hasher.hash(password)  # as slow as a real check: timing does not tell which names exist
             return False
-        try:
-            return hasher.verify(stored, password)
-        except Exception:  # argon2 raises VerifyMismatchError, InvalidHashError, ...
-            return False
+        return _verify(hasher, stored, password)
 
     def create_token(self, name: str) -> tuple[int, str]:
         """A new API token of account `name`: (its id, the token). Only its hash is stored."""

@@ -32,7 +32,7 @@ def open_state(config: ServeConfig) -> ServeState:
     clip = Clipbt.open(config.home, config.db, config.search)
     try:
         engine = clip.engine(config.collection)
-        engine.index, engine.encoder  # loaded now, not by the first request
+        _ = engine.index, engine.encoder  # loaded now, not by the first request
         batcher = SearchBatcher(engine.search_many, config.batch_size, config.batch_window_s)
         thumbs = Thumbnails(clip.store, data_home(config.home) / "thumbnails" / clip.store.store_id[:12],
                             config.thumbnail_size)

@@ -30,7 +30,6 @@ class SearchBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self.batches = 0  # search_many calls made
-        self.requests = 0  # requests answered
         self.largest = 0  # largest batch so far
 
     def start(self) -> None:
@@ -86,7 +85,6 @@ class SearchBatcher:
                 self.batches += 1
         except Exception as exc:
             outcomes = [(None, exc)] * len(batch)
-        self.requests += len(batch)
         self.largest = max(self.largest, len(batch))
         for (_, loop, future), (hits, exc) in zip(batch, outcomes):
             loop.call_soon_threadsafe(_settle, future, hits, exc)

@@ -82,7 +82,7 @@ def add_feedback(body: FeedbackIn, user: User, state: State) -> Created:
     return Created(id=f"feedback-{state.engine.feedback(user, body.query, body.good, body.bad)}")
 
 
-@router.get("/preferences", response_model=Records)
+@router.get("/preferences", response_model=Records, response_model_exclude_none=True)
 def list_preferences(user: User, state: State) -> Records:
     """The caller's own preference records in the served collection, newest first."""
     store, collection = state.store, state.engine.collection.id

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
-from engine.search import Hit, SearchRequest
+from engine.search import Hit, SearchInputError, SearchRequest
 from engine.serve.auth import State, User
 from engine.serve.duel import choose_duel
 from storage.errors import UnknownUserError
@@ -48,8 +48,6 @@ def _result(hit: Hit, request: Request) -> Result:
 
 
 def _check(text: str, k: int, state) -> str:
-    from engine.search import SearchInputError
-
     if not text.strip():
         raise SearchInputError(f"a search needs query text, got q={text!r}")
     if len(text) > state.config.max_query_chars:
