@@ -38,6 +38,11 @@ Preferences
     stored and the earlier id is returned. A repeat after something else is new evidence and kept.
     Query text is stripped; empty text is refused.
 
+Accounts (for `clipbt serve`)
+    One account per preference user, removed with it (foreign keys cascade to its API tokens and
+    web sessions). Passwords are kept as Argon2 hashes (argon2-cffi, imported only when a password
+    is set or checked); tokens and session secrets only as SHA-256 hashes (`storage/accounts.py`).
+
 Schema versions
     `clipbt_meta` records `schema_version`. Opening a store applies, in one transaction, the
     ordered migrations from its version to the current one (`storage._schema.MIGRATIONS`); a store

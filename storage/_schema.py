@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2  # bump together with a new entry in MIGRATIONS
+SCHEMA_VERSION = 3  # bump together with a new entry in MIGRATIONS
 
 metadata = sa.MetaData()
 
@@ -122,6 +122,41 @@ ranking_items = sa.Table(
     sa.UniqueConstraint("ranking_id", "image_id", name="uq_ranking_items_image"),
 )
 
+# Accounts of `clipbt serve` (v3): one per preference user, removed with it. Passwords are kept
+# as Argon2 hashes, API tokens and web sessions as SHA-256 hashes of their random secrets.
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(256), nullable=True),  # None: API tokens only, no web login
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("account_id", sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex of the token
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("account_id", sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex of the cookie
+    sa.Column("expires", sa.DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+ACCOUNT_TABLES = (accounts, api_tokens, web_sessions)
+
+
 # MIGRATIONS[v] upgrades a store at schema version v to v + 1, inside the opening transaction.
 # Released entries are never edited; a fresh store is created at SCHEMA_VERSION directly.
 def _to_v2(conn: sa.Connection) -> None:
@@ -131,4 +166,9 @@ def _to_v2(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE collections ADD COLUMN content_version INTEGER NOT NULL DEFAULT 0"))
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _to_v2}
+def _to_v3_accounts(conn: sa.Connection) -> None:
+    """v3: the accounts, API tokens and web sessions of `clipbt serve`."""
+    metadata.create_all(conn, tables=list(ACCOUNT_TABLES))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _to_v2, 2: _to_v3_accounts}

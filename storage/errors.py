@@ -88,3 +88,11 @@ def disk_full_error(exc: BaseException, where) -> "DiskFullError | None":
         f"no space left on {where}: free some space and run the command again "
         f"(the unfinished write was discarded; what was stored before is intact)"
     )
+
+
+class AccountExistsError(ClipbtError, ValueError):
+    """A `clipbt serve` account with this name already exists."""
+
+
+class UnknownAccountError(ClipbtError, LookupError):
+    """No `clipbt serve` account (or no such token of it) has this name or id."""

@@ -325,6 +325,24 @@ class PreferencesMixin:
              for pos, (i, tier) in enumerate(record.items)],
         )
 
+    def delete_preference(self, user: str, kind: str, record_id: int) -> bool:
+        """Remove one of `user`'s own records: a "pair", "ranking" or "feedback" by id; False if
+        `user` has none with this id (another user's record is never touched)."""
+        if kind not in ("pair", "ranking", "feedback"):
+            raise InvalidPreferenceError(f"kind must be pair, ranking or feedback, got {kind!r}")
+        with self._write() as conn:
+            uid = self._user_id(conn, user, create=False)
+            if kind == "pair":
+                removed = conn.execute(S.pairs.delete().where(S.pairs.c.id == record_id, S.pairs.c.user_id == uid))
+            else:
+                mine = sa.select(S.rankings.c.id).where(
+                    S.rankings.c.id == record_id, S.rankings.c.user_id == uid, S.rankings.c.kind == kind)
+                conn.execute(S.ranking_items.delete().where(S.ranking_items.c.ranking_id.in_(mine)))
+                removed = conn.execute(S.rankings.delete().where(S.rankings.c.id.in_(mine)))
+            if removed.rowcount:
+                _bump(conn, S.users.c.pref_version, [uid])
+        return bool(removed.rowcount)
+
     def pairs(
         self,
         user: str,

@@ -15,6 +15,7 @@ from storage.errors import (
     StoreError,
     disk_full_error,
 )
+from storage.accounts import AccountsMixin
 from storage.collections import CollectionsMixin
 from storage.consistency import ConsistencyMixin
 from storage.home import create_private_file, data_home
@@ -49,7 +50,7 @@ class StoreConfig:
             raise StoreError(f"busy_timeout_s must be positive, got {self.busy_timeout_s!r}")
 
 
-class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin):
+class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin):
     """Everything clipbt keeps across restarts, behind one SQLAlchemy engine.
 
     Open with `Store.open(url=None, home=None)`; use as a context manager or call `close()`.

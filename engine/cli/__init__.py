@@ -103,3 +103,9 @@ for _command in _QUERY_COMMANDS:
 from engine.cli.collections import collections  # noqa: E402
 
 main.add_command(collections)
+
+from engine.cli.serve import COMMANDS as _SERVE_COMMANDS, users_add  # noqa: E402
+
+for _command in _SERVE_COMMANDS:
+    main.add_command(_command)
+main.commands["users"].add_command(users_add)
