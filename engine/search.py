@@ -163,6 +163,7 @@ class _UserPairs:
     text_of_pair: np.ndarray  # (P,) each pair's index into `texts`
     pair_set: PairSet  # differences and Gram matrix of the pairs' embeddings, for `adapt_many`
     last: tuple[int, int] = (0, 0)  # the largest pair id and ranking id read: `Store.pairs(after=...)`
+    records: int = 0  # stored records (pairs, rankings, feedback) these pairs come from
 
 
 class Engine:
@@ -274,15 +275,22 @@ class Engine:
     # -- the user's pairs --------------------------------------------------------------------
 
     def _user_pairs(self, user: str, version: int) -> _UserPairs:
-        """The user's pairs at `version`: the cached ones extended by the pairs recorded since
-        (records are only appended; a deleted and re-created user has another id, the high bits
-        of the version, and is read anew), the most recent `LIMITS.user_max_pairs` kept."""
+        """The user's pairs at `version`: the cached ones extended by the pairs recorded since,
+        the most recent `LIMITS.user_max_pairs` kept. Read anew when the user was deleted and
+        re-created (another id, the high bits of the version) or some records were deleted (the
+        stored count is not the cached one plus the new ones)."""
         cached = self._pairs.get(user)
         if cached is not None and cached.version == version:
             return cached
         self.forget(user)
         base = cached if cached is not None and cached.version >> 32 == version >> 32 else None
         pairs = self.store.pairs(user, self.collection.id, after=base.last if base is not None else None)
+        records = len({p.id for p in pairs if p.id is not None}) + len({p.ranking_id for p in pairs if p.ranking_id})
+        stored = self.store.record_count(user, self.collection.id)
+        if base is not None and base.records + records != stored:
+            base = None
+            pairs = self.store.pairs(user, self.collection.id)
+            records = len({p.id for p in pairs if p.id is not None}) + len({p.ranking_id for p in pairs if p.ranking_id})
         ids = sorted({i for p in pairs for i in (p.preferred_id, p.rejected_id)})
         found, vectors = self.store.embeddings(self.collection.id, ids, include_deleted=True) if ids else (
             np.zeros(0, np.int64), np.zeros((0, self.collection.dim), np.float32))
@@ -301,6 +309,7 @@ class Engine:
             pair_set=PairSet.of(vectors[[row[i] for i in preferred.tolist()]], vectors[[row[i] for i in rejected.tolist()]]),
             last=(max([p.id for p in pairs if p.id is not None], default=0),
                   max([p.ranking_id for p in pairs if p.ranking_id is not None], default=0)),
+            records=(base.records if base is not None else 0) + records,
         )
         data = _append_pairs(base, new, LIMITS.user_max_pairs) if base is not None else _keep_recent(new, LIMITS.user_max_pairs)
         self._pairs.put(user, data)
@@ -502,7 +511,7 @@ def _append_pairs(old: _UserPairs, new: _UserPairs, cap: int) -> _UserPairs:
     reload would give, at the cost of the new rows only. The Gram matrix D D^T grows by the
     blocks D_old D_new^T and D_new D_new^T (`PairSet` keeps none once P > d)."""
     if not len(new.weight):
-        return dataclasses.replace(old, version=new.version, texts=new.texts)
+        return dataclasses.replace(old, version=new.version, texts=new.texts, records=new.records)
     diffs = np.concatenate([old.pair_set.diffs, new.pair_set.diffs])
     gram = None
     if diffs.shape[0] <= diffs.shape[1]:
@@ -522,6 +531,7 @@ def _append_pairs(old: _UserPairs, new: _UserPairs, cap: int) -> _UserPairs:
         text_of_pair=np.concatenate([old.text_of_pair, new.text_of_pair]),
         pair_set=PairSet(diffs, gram),
         last=(max(old.last[0], new.last[0]), max(old.last[1], new.last[1])),
+        records=new.records,
     )
     return _keep_recent(joined, cap)
 

@@ -343,6 +343,22 @@ class PreferencesMixin:
                 _bump(conn, S.users.c.pref_version, [uid])
         return bool(removed.rowcount)
 
+    def record_count(self, user: str, collection_id: int | str | Collection) -> int:
+        """How many records (stored pairs, rankings, feedback) `user` has in the collection; 0 for
+        an unknown user. Lets a reader that extends its copy by `pairs(after=...)` notice deletions."""
+        with self._read() as conn:
+            coll = self._collection(conn, collection_id).id
+            row = conn.execute(sa.select(S.users.c.id).where(S.users.c.name == user)).first()
+            if row is None:
+                return 0
+            return sum(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(table)
+                    .where(table.c.user_id == row.id, table.c.collection_id == coll)
+                ).scalar_one()
+                for table in (S.pairs, S.rankings)
+            )
+
     def pairs(
         self,
         user: str,
@@ -354,7 +370,8 @@ class PreferencesMixin:
         pairs implied by rankings and feedback (id None, ranking_id set, weight 1 each).
 
         after: (pair id, ranking id): only pairs stored after the pair and the ranking of these
-        ids (records are only ever appended, so this is what a reader holding the earlier ones lacks).
+        ids (what a reader holding the earlier ones lacks, unless some were deleted since: compare
+        `record_count`).
         """
         with self._read() as conn:
             params = {"uid": self._user_id(conn, user, create=False)}

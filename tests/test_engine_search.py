@@ -322,3 +322,15 @@ def test_unknown_image_and_empty_collection(world, encoder, tmp_path):
         Engine(engine.store, empty, encoder=encoder).search("a cat")
     with Store.open(home=tmp_path / "fresh") as fresh, pytest.raises(EmptyCollectionError, match="no collection yet"):
         Engine.open(fresh)
+
+
+def test_a_deleted_preference_stops_counting_for_a_cached_user(world):
+    engine, ids, _, axis = world
+    before = [h.id for h in engine.search("a cat", None, 10)]
+    engine.prefer("eve", "a cat", int(before[-1]), int(before[0]))
+    adapted = [h.id for h in engine.search("a cat", "eve", 10)]
+    [pair] = [p for p in engine.store.pairs("eve") if p.id is not None]
+    assert engine.store.delete_preference("eve", "pair", pair.id)  # as the service's DELETE does, behind the engine
+    engine.prefer("eve", "a cat", int(before[1]), int(before[2]))  # a new record too, so only a count can tell
+    engine.store.delete_preference("eve", "pair", max(p.id for p in engine.store.pairs("eve") if p.id))
+    assert [h.id for h in engine.search("a cat", "eve", 10)] == before != adapted

@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path

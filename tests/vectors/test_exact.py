@@ -25,7 +25,7 @@ from indexer.vectors.exact import (
     sketch_rows,
 )
 from storage.errors import InvalidIndexError
-from tests.vectors.conformance import Conformance, adversarial, assert_topk_equal, clustered, unit
+from tests.vectors.conformance import Conformance, assert_topk_equal, clustered, unit
 
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="torch's fbgemm int8 kernels are not available on this CPU")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
