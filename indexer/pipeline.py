@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from indexer.encoder import Encoder
 from indexer.vectors.collection import refresh
-from indexer.vectors.faiss import check_index_type
+from indexer.vectors.collection import check_index_type
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
 from storage import Collection, ImageRecord, Store
 from storage.limits import LIMITS, check_count

@@ -116,7 +116,7 @@ def test_another_model_is_refused(store, tmp_path):
         index_paths(store, [tmp_path], encoder=other, workers=0, progress=False)
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "exact"])
 def test_other_index_types_are_saved_and_kept(store, tmp_path, index_type):
     make_images(tmp_path, 6)
     index_paths(store, [tmp_path], encoder=tiny_encoder(), workers=0, progress=False, index_type=index_type)

@@ -65,7 +65,8 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
               help="local: decoding processes [default: CPU cores - 1], 0 decodes in the main process; "
                    "ray: encoder actors [default: one per --gpus-per-worker GPUs, else the cluster's CPUs - 1].")
 @click.option("--index-type", default="flat", show_default=True,
-              help=f"{', '.join(INDEX_TYPES)}, or a FAISS factory string (e.g. 'IVF256,SQ8').")
+              help=f"{', '.join(INDEX_TYPES)}, exact (clipbt's exact kernel), or a FAISS factory string "
+                   "(e.g. 'IVF256,SQ8').")
 @click.option("--remove-missing", is_flag=True, help="Drop images under PATHS whose files are gone.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 # -- the Ray executor (indexer/ray_executor.py) --

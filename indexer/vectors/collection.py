@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY = "collection.json"
 _IDENTITY_KEYS = ("collection_id", "model", "pretrained", "dim")
+EXACT = "exact"  # the index type of clipbt's exact kernel (`indexer.vectors.exact.ExactIndex`)
 _REUSE_LIMIT = 0.1  # a saved index is extended (not rebuilt) while added or deleted ids stay under this share
 
 
@@ -45,6 +46,10 @@ def backend_class(name: str) -> type[VectorIndex]:
         from indexer.vectors.faiss import FaissIndex
 
         return FaissIndex
+    if name == "exact":
+        from indexer.vectors.exact import ExactIndex
+
+        return ExactIndex
     raise InvalidIndexError(f"unknown vector backend {name!r}")
 
 
@@ -173,11 +178,31 @@ class IndexFiles:
 
 
 def build(store: Store, coll: Collection, index_type: str) -> VectorIndex:
-    """A new index of the collection's live images, from the embeddings in SQL."""
+    """A new index of the collection's live images, from the embeddings in SQL: clipbt's exact
+    kernel for "exact" (`indexer.vectors.exact`), else FAISS."""
     from indexer.vectors.faiss import FaissIndex
 
     ids, embeddings = store.embeddings(coll.id)
+    if index_type == EXACT:
+        from indexer.vectors.exact import ExactIndex
+
+        index = ExactIndex(coll.dim)
+        index.add(ids, embeddings)
+        return index
     return FaissIndex.build(ids, embeddings, index_type)
+
+
+def check_index_type(index_type: str, dim: int) -> None:
+    """IndexTypeError now, before any encoding, if `index_type` cannot make an index of dimension `dim`."""
+    if index_type != EXACT:
+        from indexer.vectors.faiss import check_index_type as check_faiss_type
+
+        check_faiss_type(index_type, dim)
+
+
+def _untrained(index_type: str, n: int, dim: int) -> bool:
+    """Whether an index of this type needs no training, so extending it equals rebuilding it."""
+    return index_type == EXACT or plan_index(index_type, n, dim) in ("Flat", "SQfp16")
 
 
 def rebuild(store: Store, coll: Collection, index_type: str) -> VectorIndex:
@@ -198,7 +223,7 @@ def refresh(store: Store, coll: Collection, index_type: str, added: np.ndarray) 
         index = files.load(before)
         if index is not None:
             small = max(1.0, _REUSE_LIMIT * len(index))
-            untrained = plan_index(index_type, len(index), coll.dim) in ("Flat", "SQfp16")  # extending = rebuilding
+            untrained = _untrained(index_type, len(index), coll.dim)
             if files.deleted_in_index <= small and (untrained or added.size <= small):
                 if added.size:
                     index.add(*store.embeddings(coll.id, added))
@@ -221,7 +246,7 @@ def catch_up(store: Store, coll: Collection, index: VectorIndex) -> VectorIndex 
     if index_type is None or not hasattr(index, "copy") or np.setdiff1d(gone, expected.deleted_ids).size:
         return None
     small = max(1.0, _REUSE_LIMIT * len(index))
-    if not (plan_index(index_type, len(index), coll.dim) in ("Flat", "SQfp16") or added.size <= small):
+    if not (_untrained(index_type, len(index), coll.dim) or added.size <= small):
         return None
     updated = index.copy()
     if added.size:
