@@ -137,6 +137,10 @@ class _LRU:
         with self._lock:
             return self._items.pop(key, default)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
     def drop(self, matches) -> None:
         """Remove every key for which `matches(key)` is true."""
         with self._lock:
