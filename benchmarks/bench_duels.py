@@ -23,13 +23,13 @@ import torch
 
 from engine.bt import map_adapt_many, PairSet
 from engine.bt.map import MapConfig
-from engine.duels import STRATEGIES, DuelConfig, choose_duel
-from engine.ranking import RankConfig, rank_candidates
+from engine.duels import DEFAULT_STRATEGY, STRATEGIES, DuelConfig, choose_duel
+from engine.ranking import RankConfig, fit_strengths, rank_candidates
 from engine.demo import demo_user
 from indexer.world import COLOURS, SHAPES, generate, sample_users
 from machine import describe  # benchmarks/machine.py
 
-PRESETS = {"S": (1000, 6, 4), "M": (2000, 12, 8)}
+PRESETS = {"XS": (300, 2, 2), "S": (1000, 6, 4), "M": (2000, 12, 8)}
 CHECKPOINTS = (5, 10, 20)
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,6 +95,36 @@ def run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, co
             p_true = 1 / (1 + np.exp(-(u[cand[i]] - u[cand[j]])))
             acc = np.where(s[i] > s[j], p_true, np.where(s[i] < s[j], 1 - p_true, 0.5)).mean()
             out[t] = {"taste": float(good[top].mean()), "relevance": float(relevant[top].mean()), "pair_accuracy": float(acc)}
+    return out, pairs_ids, x
+
+
+PRIORS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e6)  # ranking prior precisions tried for compare's probabilities
+
+
+def compare_calibration(x, pairs_ids, images, utilities, candidates, beta: float) -> dict:
+    """compare's P(a over b) for every pair of the candidates (asked ones included: the user answers afresh),
+    per ranking prior precision: the expected log-likelihood of the user's answer, the expected calibration
+    error (10 bins; a bin's accuracy is the mean true probability that its favoured image wins) and the mean
+    probability given to the side the user chose on the asked pairs."""
+    cand = np.asarray(candidates)
+    where = {int(i): c for c, i in enumerate(cand)}
+    direct = [(where[a], where[b]) for a, b in pairs_ids if a in where and b in where]
+    win = np.array([a for a, _ in direct], dtype=np.int64)
+    lose = np.array([b for _, b in direct], dtype=np.int64)
+    i, j = np.triu_indices(len(cand), 1)
+    p_true = 1 / (1 + np.exp(-(utilities[cand[i]] - utilities[cand[j]])))
+    out = {}
+    for prior in PRIORS:
+        theta = fit_strengths(beta * (images[cand] @ x), win, lose, None, prior, RankConfig().newton_steps)
+        p = np.clip(1 / (1 + np.exp(-(theta[i] - theta[j]))), 1e-9, 1 - 1e-9)
+        conf = np.maximum(p, 1 - p)
+        hit = np.where(p >= 0.5, p_true, 1 - p_true)
+        edges = np.minimum(((conf - 0.5) * 20).astype(int), 9)
+        ece = sum((edges == b).mean() * abs(hit[edges == b].mean() - conf[edges == b].mean())
+                  for b in range(10) if (edges == b).any())
+        chosen = 1 / (1 + np.exp(-(theta[win] - theta[lose]))) if len(win) else np.array([np.nan])
+        out[prior] = {"log_likelihood": float(np.mean(p_true * np.log(p) + (1 - p_true) * np.log(1 - p))),
+                      "ece": float(ece), "p_of_stated_answer": float(np.mean(chosen))}
     return out
 
 
@@ -103,7 +133,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="M")
     parser.add_argument("--seed", type=int, default=3, help="world seed (the demo's is 0) and users' seed")
     parser.add_argument("--pretrained", default=None, help="weights of clipbt-tiny (default: the shipped ones)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--strategies", default=",".join([DEFAULT_STRATEGY] + [s for s in STRATEGIES if s != DEFAULT_STRATEGY]),
+                        help="comma-separated; compare's calibration is measured on the first")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "duels.json")
     args = parser.parse_args()
@@ -120,6 +151,7 @@ def main() -> None:
     strategies = args.strategies.split(",")
     results = {s: {t: {"taste": [], "relevance": [], "pair_accuracy": []} for t in CHECKPOINTS} for s in strategies}
     plain = {"taste": [], "relevance": [], "pair_accuracy": []}
+    calibration = {prior: {"log_likelihood": [], "ece": [], "p_of_stated_answer": []} for prior in PRIORS}
     for ui, user in enumerate(users):
         utilities = user.utilities(attrs)
         for qi, ((colour, shape), x0) in enumerate(zip(queries, texts)):
@@ -130,10 +162,16 @@ def main() -> None:
             plain["relevance"].append(float(relevant[top].mean()))
             for strategy in strategies:
                 rng = np.random.default_rng([args.seed, ui, qi])  # the same answers' randomness for every strategy
-                for t, row in run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, config,
-                                      rank).items():
+                rows, pairs_ids, x = run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, config,
+                                             rank)
+                for t, row in rows.items():
                     for key, value in row.items():
                         results[strategy][t][key].append(value)
+                if strategy == strategies[0]:
+                    for prior, row in compare_calibration(x, pairs_ids, images, utilities, candidates,
+                                                          config.posterior.beta).items():
+                        for key, value in row.items():
+                            calibration[prior][key].append(value)
         print(f"user {ui + 1}/{len(users)} done, {time.time() - start:.0f} s", flush=True)
     summary = {s: {t: {k: {"mean": float(np.mean(v)), "sem": float(np.std(v) / np.sqrt(len(v)))} for k, v in row.items()}
                    for t, row in by_t.items()} for s, by_t in results.items()}
@@ -146,6 +184,9 @@ def main() -> None:
         "posterior": {"prior_precision": config.posterior.prior_precision, "beta": config.posterior.beta},
         "before": {k: float(np.mean(v)) for k, v in plain.items()},
         "strategies": summary,
+        "compare_calibration": {"strategy": strategies[0], "answers": max(CHECKPOINTS),
+                                "by_ranking_prior_precision": {str(prior): {k: float(np.mean(v)) for k, v in row.items()}
+                                                               for prior, row in calibration.items()}},
         "seconds": round(time.time() - start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +197,10 @@ def main() -> None:
         for t in CHECKPOINTS:
             r = summary[s][t]
             print(f"{s:>13} {t:>7} {r['taste']['mean']:7.3f} {r['relevance']['mean']:9.3f} {r['pair_accuracy']['mean']:8.3f}")
+    print(f"\ncompare after {max(CHECKPOINTS)} answers ({strategies[0]}): ranking prior precision -> expected "
+          "log-likelihood, ECE, P(stated answer)")
+    for prior, row in report["compare_calibration"]["by_ranking_prior_precision"].items():
+        print(f"{float(prior):>10g} {row['log_likelihood']:8.4f} {row['ece']:6.3f} {row['p_of_stated_answer']:6.3f}")
     _plot(report, args.out.with_suffix(".png"))
 
 
