@@ -13,7 +13,7 @@ from engine.bt.threads import numpy_blas_on_one_thread
 class MapConfig:
     """Hyper-parameters of MAP adaptation; defaults chosen by `clipbt bench preference` on the world (README)."""
 
-    prior_precision: float = 3.0  # lambda: 1 / variance of the Gaussian prior on x around the query x0
+    prior_precision: float = 30.0  # lambda: 1 / variance of the Gaussian prior on x around the query x0
     beta: float = 10.0  # inverse temperature of the BT probability sigmoid(beta * (s(x, y1) - s(x, y2)))
     steps: int = 25  # at most this many Newton steps (each halved until the objective falls)
     tol: float = 1e-18  # stop a query once its squared Newton decrement is below this
@@ -42,7 +42,7 @@ def map_objective(x, x0, diffs, weights, prior_precision: float, beta: float) ->
     return float(np.sum(weights * np.logaddexp(0.0, -beta * m)) + 0.5 * prior_precision * delta @ delta)
 
 
-def map_adapt_reference(x0, preferred, rejected, weights=None, prior_precision: float = 3.0, beta: float = 10.0,
+def map_adapt_reference(x0, preferred, rejected, weights=None, prior_precision: float = 30.0, beta: float = 10.0,
                         steps: int = 100, tol: float = 1e-14) -> np.ndarray:
     """argmin_x `map_objective` by damped Newton steps on the full d-dimensional x (a (d, d) solve per step):
     the slow obvious form that `map_adapt_many` is checked against. Returns (d,) float64."""
@@ -86,13 +86,13 @@ class MapFit:
     curvature: list
 
 
-def map_adapt_many(queries, pair_sets, weights, prior_precision: float = 3.0, beta: float = 10.0,
+def map_adapt_many(queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0,
                    steps: int = 25, tol: float = 1e-18) -> np.ndarray:
     """MAP adaptation of B queries, query b on its own `PairSet` (the posterior modes of `map_fit`). Returns (B, d) float32."""
     return map_fit(queries, pair_sets, weights, prior_precision, beta, steps, tol).queries
 
 
-def map_fit(queries, pair_sets, weights, prior_precision: float = 3.0, beta: float = 10.0,
+def map_fit(queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0,
             steps: int = 25, tol: float = 1e-18) -> MapFit:
     """argmin_x `map_objective` for B queries, query b with its own `PairSet` and weights (None: all ones).
 

@@ -51,11 +51,13 @@ def _format_option() -> list[click.Parameter]:
 @click.option("--model", default=None, help="open_clip model name (default: the shipped default model).")
 @click.option("--pretrained", default=None, help="Weights tag or checkpoint file for --model.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the split, the draws and the world.")
+@click.option("--methods", default=None, help="Comma-separated methods to run (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for the .json, .md and .png results (default: <home>/bench).")
 @click.pass_obj
-def preference(obj, dataset, fmt, sizes, repeats, splits, eval_size, query, per_user, model, pretrained, seed, as_json, out):
+def preference(obj, dataset, fmt, sizes, repeats, splits, eval_size, query, per_user, model, pretrained, seed, methods,
+               as_json, out):
     """Preference classification (Gallego 2023, section 3.1): accuracy of original, positive, BT and
     baselines at each training size N, on DATASET: a Pick-a-Pic .parquet, an HPD v2 or ImageReward
     test .json, a .jsonl of pairs, an embeddings .npz, or `world` (the default world's simulated users).
@@ -66,8 +68,9 @@ def preference(obj, dataset, fmt, sizes, repeats, splits, eval_size, query, per_
     """
     from engine.bench import datasets as preference_data, protocol as preference_bench
 
+    chosen = {"methods": tuple(methods.split(","))} if methods else {}
     config = preference_bench.BenchConfig(sizes=sizes, repeats=repeats, splits=splits, eval_size=eval_size,
-                                          per_user=per_user, seed=seed)
+                                          per_user=per_user, seed=seed, **chosen)
     fmt = fmt or preference_data.detect_format(dataset)
     if fmt == "world":
         data = preference_data.load_world(obj.home / "bench" / f"world-{seed}",
@@ -86,6 +89,7 @@ def preference(obj, dataset, fmt, sizes, repeats, splits, eval_size, query, per_
     result.config.update(query=query, model=encoder.model_name if encoder else None,
                          pretrained=encoder.pretrained if encoder else None)
     result.command = _command(dataset, fmt, sizes, repeats, splits, eval_size, query, per_user, model, pretrained, seed, out)
+    result.command += f" --methods {methods}" if methods else ""
     stem = "preference_" + ("world" if fmt == "world" else fmt) + ("_per_user" if per_user else "")
     paths = preference_bench.write(result, out or obj.home / "bench", stem)
     if as_json:
