@@ -12,7 +12,7 @@ from storage.errors import ClipbtError
 
 STRATEGIES = ("random_top", "least_sure", "max_variance", "information", "thompson")
 # Chosen by benchmarks/bench_duels.py (benchmarks/results/duels.json): see the README's preference section.
-DEFAULT_STRATEGY = "thompson"
+DEFAULT_STRATEGY = "least_sure"
 
 
 class DuelInputError(ClipbtError, ValueError):

@@ -7,7 +7,10 @@ the pool and measure, 30.6 minutes in all, on a 2-core AMD EPYC CPU shared with 
 
 It generates a pool of world images once (world seed = --seed), then takes AdamW steps on open_clip's ClipLoss over
 batches of pool images with freshly sampled captions. Half the batches hold a single colour, so that shape, the
-hardest captioned attribute, decides the contrastive loss there. The learning rate warms up, then follows a cosine
+hardest captioned attribute, decides the contrastive loss there (--hard-shape: a share of batches of one colour and
+one shape, where quality, position, fill and size must decide). --p-quality and --p-position make captions name the
+image quality ("a blurry ...") and the position ("... on the left") that often (indexer.world.caption); --init
+starts from given weights (e.g. the shipped ones) instead of random. The learning rate warms up, then follows a cosine
 over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
 weights are written as fp16 safetensors; the report (benchmarks/results/default_model.json) measures the written
 file on held-out images."""
