@@ -86,13 +86,7 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
         before = plain[: config.k]
         user = demo_user()
         rng = np.random.default_rng(config.seed)
-        asked = _questions(len(plain), config.questions, rng)
-        for i, j in asked:
-            a, b = plain[i], plain[j]
-            if user.prefers(truth[a.path], truth[b.path], rng):
-                engine.prefer(DEMO_USER, config.query, a.id, b.id)
-            else:
-                engine.prefer(DEMO_USER, config.query, b.id, a.id)
+        asked = _duels(engine, store, plain, config, lambda a, b: user.prefers(truth[a.path], truth[b.path], rng), rng)
         after = engine.search(config.query, user=DEMO_USER, k=config.k)
 
     def share(hits: list[Hit]) -> float:
@@ -142,11 +136,26 @@ def clipbt_command(home: Path, db: str | None = None) -> str:
     return command
 
 
-def _questions(n: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """`count` distinct unordered pairs of positions in [0, n), at random."""
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
-    return [pairs[c] for c in chosen]
+def _duels(engine, store, plain: list[Hit], config: DemoConfig, prefers, rng: np.random.Generator) -> list[tuple]:
+    """Ask `config.questions` duels among the plain search's candidates, one at a time, each chosen by
+    engine.duels.choose_duel from the answers so far; store every answer. Returns the asked id pairs."""
+    from engine.duels import choose_duel
+
+    by_id = {h.id: h for h in plain}
+    ids = [h.id for h in plain]
+    stored_ids, vectors = store.embeddings(engine.collection.id, ids)
+    embeddings = vectors[np.searchsorted(stored_ids, ids)]
+    query = engine.encode([config.query])[0]
+    asked, preferred, rejected = [], [], []
+    for _ in range(min(config.questions, len(ids) * (len(ids) - 1) // 2)):
+        a, b = choose_duel(ids, embeddings, query, np.array(preferred) if preferred else None,
+                           np.array(rejected) if rejected else None, asked, rng=rng)
+        asked.append((a, b))
+        win, lose = (a, b) if prefers(by_id[a], by_id[b]) else (b, a)
+        engine.prefer(DEMO_USER, config.query, win, lose)
+        preferred.append(embeddings[ids.index(win)])
+        rejected.append(embeddings[ids.index(lose)])
+    return asked
 
 
 def _describe(attrs: Attributes) -> str:

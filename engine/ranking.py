@@ -16,11 +16,10 @@ class RankingInputError(ClipbtError, ValueError):
 class RankConfig:
     """How direct comparisons among the candidates adjust their similarity-based strengths."""
 
-    # 1 / variance of the Gaussian prior centred on beta * s(x', y). With beta = 1 strengths are
-    # cosines, and relevant images differ by a few hundredths: at 10 one direct comparison moves a
-    # strength by about 0.05, reordering near-equals without evicting relevant images (at 1 it moved
-    # by about 0.4 and pushed a rejected match below unrelated images).
-    prior_precision: float = 10.0
+    # 1 / variance of the Gaussian prior centred on beta * s(x', y). Chosen by the held-out
+    # log-likelihood of compare's probabilities on the world's simulated users after 20 duels
+    # (benchmarks/bench_duels.py, "compare_calibration" in results/duels.json), with MAP's beta 10.
+    prior_precision: float = 1.0
     newton_steps: int = 3  # Newton steps of the MAP fit (the objective is strictly concave)
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.bt import AdaptConfig, PairSet, adapt_many, logistic
+from engine.bt import AdaptConfig, MapConfig, PairSet, adapt_many, logistic, map_adapt_many
 from engine.preferences import check_has_collection, record_feedback, record_pair, record_ranking
 from engine.ranking import RankConfig, rank_candidates
 from storage import Collection, Image, Store
@@ -29,7 +29,9 @@ class SearchInputError(ClipbtError, ValueError):
 class SearchConfig:
     """How a query is personalised, how deep FAISS is searched, and what is cached."""
 
-    adapt: AdaptConfig = AdaptConfig()  # BT adaptation (eqs. 3-4); its beta also scales ranking strengths
+    method: str = "map"  # "map": posterior mode under a prior centred on the query (`map`); "bt": the paper's steps (`adapt`)
+    adapt: AdaptConfig = AdaptConfig()  # BT adaptation (eqs. 3-4) of method "bt"; its beta then scales ranking strengths
+    map: MapConfig = MapConfig()  # MAP adaptation of method "map"; its beta then scales ranking strengths
     rank: RankConfig = RankConfig()  # how direct comparisons among candidates move them
     scope: str = "query-kernel"  # which pairs count: kernel-weighted by query similarity, or "all" equally
     # (query-kernel is the default by measurement: benchmarks/bench_scope.py, results/scope.json)
@@ -42,8 +44,15 @@ class SearchConfig:
     user_cache_size: int = 1024  # users whose pairs (embedding differences and Gram matrix) are kept (LRU)
     path_cache_size: int = 100_000  # image paths kept for results (LRU)
 
+    @property
+    def beta(self) -> float:
+        """The BT inverse temperature of the adapted query's strengths beta * s(x', y)."""
+        return self.map.beta if self.method == "map" else self.adapt.beta
+
     def __post_init__(self):
         check_adaptation(self.adapt.lr, self.adapt.steps, self.adapt.beta)
+        if self.method not in ("map", "bt"):
+            raise SearchInputError(f"method must be 'map' or 'bt', got {self.method!r}")
         if self.scope not in SCOPES:
             raise SearchInputError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if not math.isfinite(self.bandwidth) or self.bandwidth <= 0:
@@ -349,7 +358,7 @@ class Engine:
             if not len(pairs.weight):
                 continue
             query_key = r.query if r.vector is None else "vector:" + hashlib.sha1(queries[i].tobytes()).hexdigest()
-            key = (r.user, version, query_key, config.adapt, config.scope, config.bandwidth)
+            key = (r.user, version, query_key, config.method, config.adapt, config.map, config.scope, config.bandwidth)
             hit = self._adapted.get(key)
             if hit is not None:
                 adapted[i], weights = hit
@@ -361,13 +370,17 @@ class Engine:
             context[i] = (pairs, weights)
             todo.append(i)
             keys.append(key)
-        if todo:
+        if todo and config.method == "map":
+            m = config.map
+            adapted[todo] = map_adapt_many(queries[todo], [context[i][0].pair_set for i in todo],
+                                           [context[i][1] for i in todo], m.prior_precision, m.beta, m.steps, m.tol)
+        elif todo:
             a = config.adapt
             adapted[todo] = adapt_many(queries[todo], [context[i][0].pair_set for i in todo],
                                        [effective_weights(context[i][1]) for i in todo],
                                        a.lr, a.steps, a.beta, a.normalize, device=config.device)
-            for i, key in zip(todo, keys):
-                self._adapted.put(key, (adapted[i].copy(), context[i][1]))
+        for i, key in zip(todo, keys):
+            self._adapted.put(key, (adapted[i].copy(), context[i][1]))
         return adapted, context
 
     # -- preferences -------------------------------------------------------------------------
@@ -415,7 +428,7 @@ class Engine:
         if ids[0] > ids[1]:  # embeddings come back in id order
             similarity = similarity[::-1]
         winners, losers, weights = _direct_comparisons(ids[None], context)[0]
-        ranking = rank_candidates(similarity, config.adapt.beta, winners, losers, weights, config.rank)
+        ranking = rank_candidates(similarity, config.beta, winners, losers, weights, config.rank)
         theta = np.empty(2)
         theta[ranking.order] = ranking.strength
         return float(logistic(theta[0] - theta[1]))
@@ -471,7 +484,7 @@ class Engine:
         keep = ids >= 0  # a prefix: FAISS pads missing results at the end
         ids, scores = ids[keep], scores[keep]
         winners, losers, weights = comparisons
-        ranking = rank_candidates(scores, config.adapt.beta, winners, losers, weights, config.rank)
+        ranking = rank_candidates(scores, config.beta, winners, losers, weights, config.rank)
         top = ranking.order[: request.k]
         paths = self._uris(ids[top])
         return [

@@ -7,7 +7,10 @@ the pool and measure, 30.6 minutes in all, on a 2-core AMD EPYC CPU shared with 
 
 It generates a pool of world images once (world seed = --seed), then takes AdamW steps on open_clip's ClipLoss over
 batches of pool images with freshly sampled captions. Half the batches hold a single colour, so that shape, the
-hardest captioned attribute, decides the contrastive loss there. The learning rate warms up, then follows a cosine
+hardest captioned attribute, decides the contrastive loss there (--hard-shape: a share of batches of one colour and
+one shape, where quality, position, fill and size must decide). --p-quality and --p-position make captions name the
+image quality ("a blurry ...") and the position ("... on the left") that often (indexer.world.caption); --init
+starts from given weights (e.g. the shipped ones) instead of random. The learning rate warms up, then follows a cosine
 over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
 weights are written as fp16 safetensors; the report (benchmarks/results/default_model.json) measures the written
 file on held-out images."""
@@ -71,13 +74,14 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def train(
-    out: Path, minutes: float, seed: int, steps: int | None, batch_size: int, lr: float, pool_size: int, hard: float, eval_every_s: float
+    out: Path, minutes: float, seed: int, steps: int | None, batch_size: int, lr: float, pool_size: int, hard: float, eval_every_s: float,
+    p_quality: float = 0.0, p_position: float = 0.0, hard_shape: float = 0.0, init: Path | None = None,
 ) -> dict:
     if seed == HELD_OUT_SEED:
         raise SystemExit(f"--seed {seed} is the held-out world seed; pick another")
     torch.manual_seed(seed)
     register()
-    model, _, preprocess = open_clip.create_model_and_transforms(DEFAULT_MODEL_NAME)
+    model, _, preprocess = open_clip.create_model_and_transforms(DEFAULT_MODEL_NAME, pretrained=str(init) if init else None)
     tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6)
@@ -85,6 +89,8 @@ def train(
     pool, attrs = _pool(pool_size, seed, WorldConfig())
     colours = np.array([a.colour for a in attrs])
     same_colour = [np.flatnonzero(colours == c) for c in np.unique(colours)]
+    kinds = np.array([f"{a.colour} {a.shape}" for a in attrs])
+    same_kind = [g for g in (np.flatnonzero(kinds == k) for k in np.unique(kinds)) if len(g) >= batch_size]
     print(f"pool of {pool_size} images in {time.time() - start:.0f} s", flush=True)
     rng = np.random.default_rng([seed, 1])
     budget = minutes * 60.0
@@ -99,9 +105,14 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = _lr(progress, lr)
         # A `hard` share of batches hold one colour only, so that captions must be told apart by shape and the rest.
-        choices = same_colour[rng.integers(len(same_colour))] if rng.random() < hard else pool_size
+        # A `hard_shape` share hold one colour and one shape, so that quality, position, fill and size must decide.
+        r = rng.random()
+        if r < hard_shape:
+            choices = same_kind[rng.integers(len(same_kind))]
+        else:
+            choices = same_colour[rng.integers(len(same_colour))] if r < hard_shape + hard else pool_size
         batch = rng.choice(choices, size=batch_size, replace=False)
-        texts = tokenizer([caption(attrs[i], rng) for i in batch])
+        texts = tokenizer([caption(attrs[i], rng, p_quality, p_position) for i in batch])
         image_features, text_features, logit_scale = model(_normalise(pool[batch]), texts)
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
@@ -136,6 +147,10 @@ def train(
         "images_seen": step * batch_size,
         "pool_size": pool_size,
         "same_colour_batches": hard,
+        "same_colour_and_shape_batches": hard_shape,
+        "p_quality_caption": p_quality,
+        "p_position_caption": p_position,
+        "init": str(init) if init else None,
         "lr": lr,
         "machine": f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, shared with other jobs",
@@ -153,12 +168,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--pool", type=int, default=50_000, help="training images, generated once (uint8 in memory)")
     parser.add_argument("--hard", type=float, default=0.5, help="share of batches drawn from a single colour")
+    parser.add_argument("--hard-shape", type=float, default=0.0, help="share of batches drawn from a single colour and shape")
+    parser.add_argument("--p-quality", type=float, default=0.0, help="probability that a caption names the image quality")
+    parser.add_argument("--p-position", type=float, default=0.0, help="probability that a caption names the position")
+    parser.add_argument("--init", type=Path, default=None, help="start from these weights (safetensors) instead of random")
     parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out progress checks")
     parser.add_argument("--report", type=Path, default=REPORT, help="where to write the JSON report")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = train(args.out, args.minutes, args.seed, args.steps, args.batch_size, args.lr, args.pool, args.hard, args.eval_every)
+    report = train(args.out, args.minutes, args.seed, args.steps, args.batch_size, args.lr, args.pool, args.hard, args.eval_every,
+                   args.p_quality, args.p_position, args.hard_shape, args.init)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -26,7 +26,7 @@ COLOURS = {  # name -> base RGB; each image jitters it a little
 }
 SIZES = ("small", "medium", "large")
 BACKGROUNDS = {"dark": 35, "gray": 125, "light": 220}  # name -> base grey level
-QUALITIES = ("clean", "blur", "noise", "jpeg")  # image degradation kind; never captioned
+QUALITIES = ("clean", "blur", "noise", "jpeg")  # image degradation kind; captioned only when caption() is asked to
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 _PLURALS = {"cross": "crosses"}
@@ -63,9 +63,9 @@ class Attributes:
     count: int  # how many copies of the shape (1..3)
     filled: bool  # filled, or drawn as an outline
     background: str  # one of BACKGROUNDS
-    x: float  # horizontal centre of the shapes, 0 (left) .. 1 (right); never captioned
-    y: float  # vertical centre of the shapes, 0 (top) .. 1 (bottom); never captioned
-    quality: str  # one of QUALITIES; never captioned
+    x: float  # horizontal centre of the shapes, 0 (left) .. 1 (right)
+    y: float  # vertical centre of the shapes, 0 (top) .. 1 (bottom)
+    quality: str  # one of QUALITIES
     quality_level: float  # degradation strength 0..1 (0 when clean); never captioned
 
     def to_dict(self) -> dict:
@@ -185,11 +185,30 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(attrs: Attributes, rng: np.random.Generator) -> str:
+QUALITY_WORDS = {"blur": ("blurry", "blurred"), "noise": ("noisy", "grainy"), "jpeg": ("compressed", "pixelated"), "clean": ("sharp", "clean")}
+
+
+def position_words(attrs: Attributes) -> str:
+    """Where the shapes sit, e.g. "top left", "right", "centre": thirds of the image along each axis."""
+    vertical = "top" if attrs.y < 1 / 3 else "bottom" if attrs.y > 2 / 3 else ""
+    horizontal = "left" if attrs.x < 1 / 3 else "right" if attrs.x > 2 / 3 else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "centre"
+
+
+def _position_phrase(words: str) -> str:
+    """"on the left", "at the top", "in the top left", "in the centre"."""
+    if words in ("left", "right"):
+        return f"on the {words}"
+    return f"at the {words}" if words in ("top", "bottom") else f"in the {words}"
+
+
+def caption(attrs: Attributes, rng: np.random.Generator, p_quality: float = 0.0, p_position: float = 0.0) -> str:
     """A caption from varied templates, e.g. "a large red circle on a dark background", "two blue squares".
 
     Most name colour and shape; a fifth name only the shape ("a star") and a few only the colour ("a red shape").
-    Size, fill, count and background are mentioned sometimes; position and image quality never.
+    Size, fill, count and background are mentioned sometimes; the image quality ("a blurry ...", "a sharp ...") with
+    probability p_quality and the position ("... in the top left") with probability p_position, as real captions
+    sometimes do (both 0 by default: the draws of other words do not depend on them).
     """
     r = rng.random()
     colour = f"{attrs.colour} " if r >= 0.2 else ""
@@ -197,15 +216,17 @@ def caption(attrs: Attributes, rng: np.random.Generator) -> str:
     size = f"{attrs.size} " if rng.random() < 0.4 else ""
     fill = ("filled " if attrs.filled else str(rng.choice(["outlined ", "hollow "]))) if rng.random() < 0.35 else ""
     bg = f" on a {attrs.background} background" if rng.random() < 0.35 else ""
+    quality = f"{rng.choice(QUALITY_WORDS[attrs.quality])} " if p_quality and rng.random() < p_quality else ""
+    where = f" {_position_phrase(position_words(attrs))}" if p_position and rng.random() < p_position else ""
     if attrs.count > 1:
-        words = f"{COUNT_WORDS[attrs.count]} {size}{fill}{colour}{_PLURALS.get(shape, shape + 's')}"
-        templates = ["{h}", "{h}{bg}", "a picture of {h}{bg}", "{h} together{bg}"]
+        words = f"{COUNT_WORDS[attrs.count]} {quality}{size}{fill}{colour}{_PLURALS.get(shape, shape + 's')}"
+        templates = ["{h}{p}", "{h}{p}{bg}", "a picture of {h}{p}{bg}", "{h} together{p}{bg}"]
         head = words
     else:
-        words = f"{size}{fill}{colour}{shape}"
-        templates = ["{h}", "{h}", "{h}{bg}", "a picture of {h}{bg}", "a drawing of {h}{bg}", "{w}", "one {w}{bg}"]
+        words = f"{quality}{size}{fill}{colour}{shape}"
+        templates = ["{h}{p}", "{h}{p}", "{h}{p}{bg}", "a picture of {h}{p}{bg}", "a drawing of {h}{p}{bg}", "{w}{p}", "one {w}{p}{bg}"]
         head = f"{_article(words)} {words}"
-    return str(rng.choice(templates)).format(h=head, w=words, bg=bg)
+    return str(rng.choice(templates)).format(h=head, w=words, bg=bg, p=where)
 
 
 LABELS_FILE = "labels.jsonl"

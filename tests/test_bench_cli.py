@@ -27,14 +27,16 @@ def test_json_output_and_result_files(tmp_path):
                                     "--eval-size", "100", "--json", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert set(report["methods"]) == {"original", "positive", "bt", "bt_margin", "bt_selected", "rocchio",
+    assert set(report["methods"]) == {"original", "positive", "bt", "map", "bt_margin", "bt_selected", "rocchio",
                                       "average_vector"}
     assert report["skipped"] == {"plackett_luce": "the dataset has pairs, not rankings"}
     assert report["oracle"] is None
     assert report["methods"]["bt"]["N"] == [0, 1, 5] and len(report["methods"]["bt"]["mean"]) == 3
+    assert len(report["methods"]["map"]["std_splits"]) == 3 and len(report["hyperparameters"]["map"]) == 3
     assert report["counts"]["eval_pairs"] == 100
-    assert report["command"].startswith(f"clipbt bench preference {data} --format npz --sizes 0,1,5 --repeats 2")
-    assert sorted(p.name for p in out.iterdir()) == ["preference_npz.json", "preference_npz.md", "preference_npz.png"]
+    assert report["command"].startswith(f"clipbt bench preference {data} --format npz --sizes 0,1,5 --repeats 2 --splits 3")
+    assert sorted(p.name for p in out.iterdir()) == ["preference_npz.json", "preference_npz.md", "preference_npz.png",
+                                                     "preference_npz_reliability.png"]
     assert json.loads((out / "preference_npz.json").read_text())["methods"] == report["methods"]
 
 

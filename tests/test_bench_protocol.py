@@ -9,7 +9,7 @@ from engine import bt
 from engine.bench import protocol as pb
 from engine.bench.datasets import EncodedDataset
 
-SMALL = dict(sizes=(0, 1, 5, 20), repeats=3, eval_size=300, tune_size=100, tune_repeats=2)
+SMALL = dict(sizes=(0, 1, 5, 20), repeats=3, eval_size=300, tune_size=100, tune_repeats=2, splits=1)
 
 
 def unit(a):
@@ -74,7 +74,49 @@ def test_n_zero_equals_original_for_every_method(kind):
     original = result.methods["original"]
     for name, row in result.methods.items():
         assert row["N"] == [0, 1, 5, 20]
-        assert row["mean"][0] == original["mean"][0] and row["std"][0] == 0.0, name
+        assert row["mean"][0] == original["mean"][0] and row["std_draws"][0] == 0.0, name
+
+
+def test_split_does_not_depend_on_the_sizes_and_splits_differ():
+    data = synthetic(users=3, m=900)
+    for per_user in (False, True):
+        small, large = (pb.BenchConfig(**{**SMALL, "sizes": sizes}, per_user=per_user) for sizes in ((0, 5), (0, 1, 50)))
+        for a, b in zip(pb.split(data, small)[0], pb.split(data, large)[0]):
+            for name in ("eval", "tune", "pool"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        first, second = pb.split(data, small, 0)[0][0], pb.split(data, small, 1)[0][0]
+        assert not np.array_equal(first.eval, second.eval)
+
+
+def test_spreads_over_splits_and_draws():
+    result = pb.run(synthetic(), pb.BenchConfig(**{**SMALL, "splits": 3}, methods=("original", "bt")))
+    row = result.methods["original"]
+    assert row["std_draws"] == [0.0] * 4 and row["std_splits"][0] > 0  # the unadapted query only sees the split
+    assert all(len(result.hyperparameters[m]) == 3 for m in ("original", "bt"))
+    assert result.methods["bt"]["std"][3] >= max(result.methods["bt"]["std_draws"][3],
+                                                 result.methods["bt"]["std_splits"][3]) - 1e-12
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_map_at_one_pair_is_never_below_no_adaptation(seed):
+    """Held-out accuracy of the tuned MAP adaptation at N = 1 is at least that of the unadapted query, on
+    seeded per-user data with queries that know nothing (random) or something (w) of the users' taste."""
+    for query in ("random", "w"):
+        data = synthetic(seed=seed, users=4, m=1600, d=16, query=query)
+        result = pb.run(data, pb.BenchConfig(sizes=(1, 5), repeats=10, tune_repeats=4, eval_size=200, tune_size=100,
+                                             splits=2, per_user=True, methods=("original", "map")))
+        assert result.methods["map"]["mean"][0] >= result.methods["original"]["mean"][0], (query, result.methods)
+
+
+def test_calibration_of_known_probabilities():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 200_000)
+    won = rng.random(len(p)) < p  # the preferred image is the one that won: store p of the actual winner
+    p_preferred = np.where(won, p, 1 - p)
+    assert pb.expected_calibration_error(p_preferred) < 0.01
+    assert pb.expected_calibration_error(np.where(won, 0.99, 0.01)) > 0.2  # over-confident
+    rows = pb.reliability(p_preferred)
+    assert sum(rows["count"]) == len(p) and np.allclose(rows["accuracy"], rows["confidence"], atol=0.02)
 
 
 def test_known_answers_query_on_the_true_direction():
@@ -142,6 +184,7 @@ def batch_for(data, n, per_query):
 
 @pytest.mark.parametrize("method,params", [
     ("bt", {"lr": 3.0, "steps": 5, "beta": 10.0}),
+    ("map", {"prior_precision": 1.0, "beta": 10.0}),
     ("bt_margin", {"lr": 3.0, "steps": 2, "beta": 1.0}),
     ("bt_selected", {"lr": 1.0, "steps": 3, "beta": 10.0, "keep": 0.25}),
     ("positive", {"lr": 0.3}),
@@ -161,6 +204,8 @@ def test_batched_methods_match_one_call_per_query(method, params):
             want = bt.rocchio(x, p, r, **params)
         elif method == "average_vector":
             want = bt.average_vector(x, p, r)
+        elif method == "map":
+            want = bt.map_adapt_reference(x, p, r, None, **params)
         else:
             gap = (p - r) @ x
             keep = np.ones(len(p), bool)
@@ -201,7 +246,9 @@ def test_write_json_table_and_plot(tmp_path):
     saved = json.loads(paths["json"].read_text())
     assert set(saved["methods"]) == {"original", "bt", "positive"}
     assert saved["methods"]["bt"]["N"] == [0, 1, 5, 20] and len(saved["methods"]["bt"]["std"]) == 4
+    assert len(saved["methods"]["bt"]["ece"]) == 4 and paths["reliability"].is_file()
     assert 0.5 <= saved["oracle"] <= 1.0
     md = paths["md"].read_text()
     assert "clipbt bench preference x.npz" in md and "| bt | " in md and "oracle (Bayes-optimal)" in md
+    assert "expected calibration error" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,7 @@ import numpy as np
 import open_clip
 import pytest
 
+from engine import bt
 from engine.bt import AdaptConfig
 from engine.ranking import fit_strengths
 from engine.search import (
@@ -60,11 +61,15 @@ def world(encoder, tmp_path):
 
 
 def reference_search(query, vectors, ids, pairs, k, config, live=None):
-    """Brute force: eq. 4 step by step in plain Python, every similarity, a sort, the ranking fit."""
+    """Brute force: eq. 4 step by step in plain Python (method bt) or full-space Newton (method map), every
+    similarity, a sort, the ranking fit."""
     a = config.adapt
     x = np.asarray(query, dtype=np.float64)
     vec = {int(i): v.astype(np.float64) for i, v in zip(ids, vectors)}
-    for _ in range(a.steps if pairs else 0):
+    if config.method == "map" and pairs:
+        x = bt.map_adapt_reference(x, np.array([vec[w] for w, _ in pairs]), np.array([vec[l] for _, l in pairs]),
+                                   None, config.map.prior_precision, config.map.beta)
+    for _ in range(a.steps if pairs and config.method == "bt" else 0):
         grad = np.zeros_like(x)
         for win, lose in pairs:
             diff = vec[win] - vec[lose]
@@ -76,7 +81,7 @@ def reference_search(query, vectors, ids, pairs, k, config, live=None):
     candidates = sorted(s, key=lambda i: -s[i])[: candidate_count(k, config)]
     where = {i: j for j, i in enumerate(candidates)}
     comparisons = [(where[w], where[l]) for w, l in pairs if w in where and l in where]
-    theta = fit_strengths(a.beta * np.array([s[i] for i in candidates]),
+    theta = fit_strengths(config.beta * np.array([s[i] for i in candidates]),
                           [w for w, _ in comparisons], [l for _, l in comparisons],
                           prior_precision=config.rank.prior_precision, steps=config.rank.newton_steps)
     order = sorted(range(len(candidates)), key=lambda j: -theta[j])[:k]
@@ -96,7 +101,8 @@ def test_plain_query_is_exact_nearest_neighbours(world):
     assert hits[-1].p_next is not None and 0.5 <= hits[0].p_next <= 1
 
 
-def test_personalised_search_equals_brute_force(world):
+@pytest.mark.parametrize("method", ["bt", "map"])
+def test_personalised_search_equals_brute_force(world, method):
     engine, ids, vectors, _ = world
     rng = np.random.default_rng(3)
     query = engine.encode(["a blue star"])[0]
@@ -105,7 +111,7 @@ def test_personalised_search_equals_brute_force(world):
     pairs += [(plain[5], plain[0]), (plain[7], plain[1])]  # direct comparisons among the candidates
     for win, lose in pairs:
         engine.prefer("ann", "a blue star", win, lose)
-    config = SearchConfig(adapt=AdaptConfig(lr=0.5, steps=4, beta=3.0))
+    config = SearchConfig(method=method, adapt=AdaptConfig(lr=0.5, steps=4, beta=3.0))
     hits = engine.search("a blue star", user="ann", k=8, config=config)
     expected, theta, adapted = reference_search(query, vectors, ids, pairs, 8, config)
     assert [h.id for h in hits] == expected
@@ -113,7 +119,8 @@ def test_personalised_search_equals_brute_force(world):
     np.testing.assert_allclose([h.p_next for h in hits[:-1]], 1 / (1 + np.exp(-np.diff(-theta))), atol=1e-4)
 
 
-def test_preferences_move_results_to_the_preferred_side(world):
+@pytest.mark.parametrize("method,least", [("bt", 9), ("map", 8)])  # map's prior keeps more of the query
+def test_preferences_move_results_to_the_preferred_side(world, method, least):
     engine, ids, vectors, axis = world
     side_a, side_b = ids[: len(ids) // 2], ids[len(ids) // 2:]
     direction = np.random.default_rng(7).standard_normal(DIM)
@@ -122,8 +129,8 @@ def test_preferences_move_results_to_the_preferred_side(world):
     rng = np.random.default_rng(1)
     for win, lose in zip(rng.choice(side_b, 10), rng.choice(side_a, 10)):
         engine.prefer("bob", "anything", int(win), int(lose))
-    after = {h.id for h in engine.search(vector=neutral, user="bob", k=10, config=SearchConfig(scope="all"))}
-    assert len(after & set(side_b)) >= 9 and len(before & set(side_b)) <= 6
+    after = {h.id for h in engine.search(vector=neutral, user="bob", k=10, config=SearchConfig(method=method, scope="all"))}
+    assert len(after & set(side_b)) >= least and len(before & set(side_b)) <= 6
     assert {h.id for h in engine.search(vector=neutral, k=10)} == before  # nobody else is affected
 
 
@@ -150,7 +157,7 @@ def test_batch_with_direct_comparisons_equals_brute_force(world):
     """Several users in one batch, each with comparisons among their own candidates: every
     request's ranking is the brute-force one of its own user."""
     engine, ids, vectors, _ = world
-    config = SearchConfig(scope="all", adapt=AdaptConfig(lr=0.5, steps=3, beta=2.0))
+    config = SearchConfig(method="bt", scope="all", adapt=AdaptConfig(lr=0.5, steps=3, beta=2.0))
     rng = np.random.default_rng(11)
     texts = ["a cat", "a dog", "a red circle"]
     pairs = {}
@@ -279,10 +286,10 @@ def test_compare_is_the_bt_probability_of_the_adapted_query(world):
     query = engine.encode(["a cat"])[0]
     p = engine.compare(None, "a cat", int(ids[3]), int(ids[50]))
     s3, s50 = vectors[3] @ query, vectors[50] @ query
-    assert p == pytest.approx(1 / (1 + np.exp(-(s3 - s50))), abs=1e-6)
+    assert p == pytest.approx(1 / (1 + np.exp(-engine.config.beta * (s3 - s50))), abs=1e-6)
     assert engine.compare(None, "a cat", int(ids[50]), int(ids[3])) == pytest.approx(1 - p, abs=1e-6)
     engine.prefer("fay", "a cat", int(ids[50]), int(ids[3]))
-    assert engine.compare("fay", "a cat", int(ids[50]), int(ids[3])) > 1 - p + 0.1
+    assert engine.compare("fay", "a cat", int(ids[50]), int(ids[3])) > 1 - p + 0.25 * p  # a quarter of the way to certainty
 
 
 def test_torch_device_path_equals_numpy(world):

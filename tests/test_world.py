@@ -12,6 +12,7 @@ from indexer.world import (
     COLOURS,
     COUNT_WORDS,
     FEATURE_NAMES,
+    QUALITY_WORDS,
     SHAPES,
     SIZES,
     SimulatedUser,
@@ -81,7 +82,7 @@ HIDDEN_WORDS = {"left", "right", "top", "bottom", "centre", "center", "corner", 
 PLURALS = {s + "s": s for s in SHAPES} | {"crosses": "cross"}
 
 
-def test_captions_are_truthful_and_never_mention_hidden_attributes():
+def test_captions_are_truthful_and_by_default_never_mention_quality_or_position():
     rng = np.random.default_rng(0)
     world = generate(400, seed=2)
     both = 0
@@ -99,6 +100,24 @@ def test_captions_are_truthful_and_never_mention_hidden_attributes():
         assert a.colour in words or a.shape in {PLURALS.get(w, w) for w in words}, text
         both += a.colour in words and a.shape in {PLURALS.get(w, w) for w in words}
     assert both / len(world) > 0.7
+
+
+def test_captions_name_quality_and_position_truthfully_when_asked():
+    rng = np.random.default_rng(1)
+    world = generate(300, seed=4)
+    named = {"quality": 0, "position": 0}
+    for _, a in world:
+        text = caption(a, rng, p_quality=0.5, p_position=0.5)
+        words = set(re.findall(r"[a-z]+", text))
+        quality = words & {w for ws in QUALITY_WORDS.values() for w in ws}
+        assert quality <= set(QUALITY_WORDS[a.quality]), text
+        named["quality"] += bool(quality)
+        where = words & {"left", "right", "top", "bottom", "centre"}
+        assert ("left" not in where or a.x < 1 / 3) and ("right" not in where or a.x > 2 / 3), (text, a.x)
+        assert ("top" not in where or a.y < 1 / 3) and ("bottom" not in where or a.y > 2 / 3), (text, a.y)
+        assert "centre" not in where or (1 / 3 <= a.x <= 2 / 3 and 1 / 3 <= a.y <= 2 / 3), text
+        named["position"] += bool(where)
+    assert 0.4 < named["quality"] / len(world) < 0.6 and 0.4 < named["position"] / len(world) < 0.6
 
 
 def test_captions_vary():

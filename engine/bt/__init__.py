@@ -4,6 +4,7 @@
     reference  eqs. 1-4 and `adapt`, the baselines, Plackett-Luce: the reference (torch or numpy)
     span       `PairSet` and `adapt_many`, the serving form: steps on the pairs' coefficients (numpy only)
     batched    `adapt_batched`, the padded batch form on any torch device
+    map        `map_adapt_many`, the posterior mode under a Gaussian prior centred on the query (numpy only)
     threads    thread counts around the small products
 
 The fast forms are tested against `reference.adapt` (tests/test_bt.py).
@@ -32,6 +33,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "span": ["PairSet", "adapt_many"],
         "batched": ["adapt_batched"],
+        "map": ["MapConfig", "MapFit", "map_adapt_many", "map_adapt_reference", "map_fit", "score_variance"],
         "threads": ["numpy_blas_on_one_thread", "one_torch_thread"],
     },
 )

@@ -40,9 +40,11 @@ def _adaptation_options() -> list[click.Parameter]:
 
     default = SearchConfig()
     return [
-        click.Option(["--lr"], type=float, help=f"BT step size (default {default.adapt.lr})."),
-        click.Option(["--steps"], type=int, help=f"BT gradient steps (default {default.adapt.steps})."),
-        click.Option(["--beta"], type=float, help=f"BT inverse temperature (default {default.adapt.beta})."),
+        click.Option(["--method"], type=click.Choice(["map", "bt"]),
+                     help=f"map: posterior mode under a prior on the query; bt: the paper's steps (default {default.method})."),
+        click.Option(["--lr"], type=float, help=f"BT step size of --method bt (default {default.adapt.lr})."),
+        click.Option(["--steps"], type=int, help=f"BT gradient steps of --method bt (default {default.adapt.steps})."),
+        click.Option(["--beta"], type=float, help=f"BT inverse temperature (default {default.beta})."),
         click.Option(["--scope"], type=click.Choice(SCOPES),
                      help=f"Which of the user's pairs count (default {default.scope})."),
     ]
@@ -58,7 +60,7 @@ def _adaptation_options() -> list[click.Parameter]:
 @collection_option
 @json_option
 @click.pass_obj
-def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collection, as_json):
+def search(obj, text, user, k, vector, no_adapt, method, lr, steps, beta, scope, collection, as_json):
     """Find the K images that best match TEXT, personalised for --user.
 
     Example:
@@ -67,9 +69,12 @@ def search(obj, text, user, k, vector, no_adapt, lr, steps, beta, scope, collect
     """
     from engine.search import SearchConfig
 
+    default = SearchConfig()
+    method = method or ("bt" if lr is not None or steps is not None else default.method)
     changes = {name: value for name, value in (("lr", lr), ("steps", steps), ("beta", beta)) if value is not None}
-    config = SearchConfig(adapt=dataclasses.replace(SearchConfig().adapt, **changes),
-                          scope=scope or SearchConfig().scope)
+    config = SearchConfig(method=method, scope=scope or default.scope,
+                          adapt=dataclasses.replace(default.adapt, **changes) if method == "bt" else default.adapt,
+                          map=dataclasses.replace(default.map, beta=beta) if method == "map" and beta else default.map)
     query_vector = None
     if vector is not None:
         try:

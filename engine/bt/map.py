@@ -1,0 +1,217 @@
+"""MAP adaptation: the posterior mode of BT (eqs. 2-3) under a Gaussian prior centred on the query, by Newton steps in the pairs' span (numpy only)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.bt.common import AdaptationInputError, logistic
+from engine.bt.span import PairSet
+from engine.bt.threads import numpy_blas_on_one_thread
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Hyper-parameters of MAP adaptation; defaults chosen by `clipbt bench preference` on the world (README)."""
+
+    prior_precision: float = 30.0  # lambda: 1 / variance of the Gaussian prior on x around the query x0
+    beta: float = 10.0  # inverse temperature of the BT probability sigmoid(beta * (s(x, y1) - s(x, y2)))
+    steps: int = 25  # at most this many Newton steps (each halved until the objective falls)
+    tol: float = 1e-18  # stop a query once its squared Newton decrement is below this
+
+    def __post_init__(self):
+        check_map(self.prior_precision, self.beta, self.steps)
+
+
+def check_map(prior_precision: float, beta: float, steps: int) -> None:
+    if not np.isfinite(prior_precision) or prior_precision <= 0:
+        raise AdaptationInputError(f"prior_precision must be a finite number > 0, got {prior_precision}")
+    if not np.isfinite(beta) or beta <= 0:
+        raise AdaptationInputError(f"beta must be a finite number > 0, got {beta}")
+    if int(steps) != steps or steps < 0:
+        raise AdaptationInputError(f"steps must be a whole number >= 0, got {steps}")
+
+
+def map_objective(x, x0, diffs, weights, prior_precision: float, beta: float) -> float:
+    """The negative log posterior, up to a constant:
+
+        f(x) = sum_i w_i softplus(-beta D_i . x) + (lambda / 2) ||x - x0||^2,
+
+    D_i = y_i1 - y_i2: eq. 3 summed over the pairs (each w_i-weighted) plus a Gaussian prior of precision lambda."""
+    m = np.asarray(diffs, np.float64) @ np.asarray(x, np.float64)
+    delta = np.asarray(x, np.float64) - np.asarray(x0, np.float64)
+    return float(np.sum(weights * np.logaddexp(0.0, -beta * m)) + 0.5 * prior_precision * delta @ delta)
+
+
+def map_adapt_reference(x0, preferred, rejected, weights=None, prior_precision: float = 30.0, beta: float = 10.0,
+                        steps: int = 100, tol: float = 1e-14) -> np.ndarray:
+    """argmin_x `map_objective` by damped Newton steps on the full d-dimensional x (a (d, d) solve per step):
+    the slow obvious form that `map_adapt_many` is checked against. Returns (d,) float64."""
+    check_map(prior_precision, beta, steps)
+    x0 = np.asarray(x0, np.float64)
+    diffs = np.asarray(preferred, np.float64) - np.asarray(rejected, np.float64)
+    w = np.ones(len(diffs)) if weights is None else np.asarray(weights, np.float64)
+    x = x0.copy()
+    for _ in range(int(steps)):
+        m = diffs @ x
+        s = logistic(-beta * m)  # 1 - P(y1 > y2)
+        grad = -beta * diffs.T @ (w * s) + prior_precision * (x - x0)
+        hess = (diffs.T * (beta * beta * w * s * (1 - s))) @ diffs + prior_precision * np.eye(len(x))
+        step = -np.linalg.solve(hess, grad)
+        decrement = -grad @ step
+        if decrement < tol:
+            break
+        x = _backtrack(lambda z: map_objective(z, x0, diffs, w, prior_precision, beta), x, step, grad)
+    return x
+
+
+def _backtrack(f, x, step, grad, halvings: int = 30):
+    """x + t step with the largest t in 1, 1/2, 1/4, ... that satisfies Armijo's condition."""
+    fx, slope, t = f(x), grad @ step, 1.0
+    for _ in range(halvings):
+        if f(x + t * step) <= fx + 1e-4 * t * slope:
+            return x + t * step
+        t /= 2
+    return x
+
+
+@dataclass(frozen=True)
+class MapFit:
+    """The posterior mode of B queries in span form: x_b = x0_b + D_b^T a_b.
+
+    coefficients: B arrays (P_b,) a_b (empty for a query without pairs); curvature: B arrays (P_b,)
+    beta^2 w_i p_i (1 - p_i) at the mode, the diagonal of the likelihood's Hessian in margin space."""
+
+    queries: np.ndarray  # (B, d) float32 posterior modes
+    coefficients: list
+    curvature: list
+
+
+def map_adapt_many(queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0,
+                   steps: int = 25, tol: float = 1e-18) -> np.ndarray:
+    """MAP adaptation of B queries, query b on its own `PairSet` (the posterior modes of `map_fit`). Returns (B, d) float32."""
+    return map_fit(queries, pair_sets, weights, prior_precision, beta, steps, tol).queries
+
+
+def map_fit(queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0,
+            steps: int = 25, tol: float = 1e-18) -> MapFit:
+    """argmin_x `map_objective` for B queries, query b with its own `PairSet` and weights (None: all ones).
+
+    At the mode the gradient vanishes, so x - x0 = (beta / lambda) D^T (w * sigmoid(-beta m)) lies in the
+    span of the differences: x = x0 + D^T a. With G = D D^T the margins are m = D x0 + G a, and the
+    full-space Newton step restricted to that span is (push-through identity, exact even for singular G)
+
+        delta_a = -(W G + lambda I)^{-1} (lambda a - beta w * sigmoid(-beta m)),  W = diag(beta^2 w p (1 - p)),
+
+    a (P, P) solve; the steps of all B queries run as one batched solve on their zero-padded Gram
+    matrices (padding keeps a = 0), each halved until the objective falls. Equal to
+    `map_adapt_reference` (tests/test_bt_map.py). A PairSet without a Gram (P > d) is solved by the
+    reference in x. queries: (B, d); pair_sets: B PairSets or None; weights: B arrays (P_b,) >= 0 or None.
+    """
+    check_map(prior_precision, beta, steps)
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim != 2:
+        raise AdaptationInputError(f"queries must have shape (B, d), got {q.shape}")
+    if not np.all(np.isfinite(q)):
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(q))[0])
+        raise AdaptationInputError(f"queries[{index[0]}, {index[1]}] is {q[index]}: embeddings must be finite")
+    if not len(pair_sets) == len(weights) == len(q):
+        raise AdaptationInputError(
+            f"need one pair set and one weight vector per query: {len(q)} queries, "
+            f"{len(pair_sets)} pair sets, {len(weights)} weight vectors")
+    given: list = [None] * len(q)
+    for b, (pairs, w) in enumerate(zip(pair_sets, weights)):
+        if pairs is None or not len(pairs):
+            continue
+        if pairs.diffs.shape[1] != q.shape[1]:
+            raise AdaptationInputError(f"pair_sets[{b}] has dimension {pairs.diffs.shape[1]} but the queries have {q.shape[1]}")
+        given[b] = np.ones(len(pairs)) if w is None else np.asarray(w, dtype=np.float64)
+        if given[b].shape != (len(pairs),):
+            raise AdaptationInputError(f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}")
+        if not np.all(np.isfinite(given[b]) & (given[b] >= 0)):
+            i = int(np.flatnonzero(~(np.isfinite(given[b]) & (given[b] >= 0)))[0])
+            raise AdaptationInputError(f"weights[{b}][{i}] is {given[b][i]}: pair weights must be >= 0")
+    out = q.copy()
+    coefficients = [np.zeros(0) if g is None else np.zeros(len(g)) for g in given]
+    curvature = [np.zeros(0) if g is None else np.zeros(len(g)) for g in given]
+    span = [b for b, g in enumerate(given) if g is not None and pair_sets[b].gram is not None]
+    numpy_blas_on_one_thread()
+    if span:
+        a, curv = _newton_in_span(q[span].astype(np.float64), [pair_sets[b] for b in span], [given[b] for b in span],
+                                  prior_precision, beta, int(steps), tol)
+        for row, b in enumerate(span):
+            p = len(pair_sets[b])
+            coefficients[b], curvature[b] = a[row, :p], curv[row, :p]
+            out[b] = (q[b].astype(np.float64) + a[row, :p] @ pair_sets[b].diffs.astype(np.float64)).astype(np.float32)
+    for b, g in enumerate(given):
+        if g is not None and pair_sets[b].gram is None:
+            diffs = pair_sets[b].diffs.astype(np.float64)
+            x = map_adapt_reference(q[b], diffs, np.zeros_like(diffs), g, prior_precision, beta, max(int(steps), 1))
+            out[b] = x.astype(np.float32)
+            # x - x0 is in the row space of D: its coefficients by least squares
+            coefficients[b] = np.linalg.lstsq(diffs.T, x - q[b], rcond=None)[0]
+            s = logistic(-beta * (diffs @ x))
+            curvature[b] = beta * beta * g * s * (1 - s)
+    return MapFit(out, coefficients, curvature)
+
+
+def _newton_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.ndarray], lam: float, beta: float,
+                    steps: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Damped Newton steps on the coefficients a of U queries at once (see `map_fit`); returns a and W, (U, n)."""
+    u_count, n = len(q), max(len(p) for p in pair_sets)
+    gram = np.zeros((u_count, n, n))
+    at_x0 = np.zeros((u_count, n))
+    w = np.zeros((u_count, n))  # 0 on padding
+    for row, (pairs, wb) in enumerate(zip(pair_sets, weights)):
+        m = len(pairs)
+        gram[row, :m, :m] = pairs.gram
+        at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
+        w[row, :m] = wb
+    eye = np.eye(n)
+
+    def objective(a):
+        margins = at_x0 + np.einsum("unm,um->un", gram, a)
+        return (w * np.logaddexp(0.0, -beta * margins)).sum(1) + 0.5 * lam * np.einsum("un,unm,um->u", a, gram, a)
+
+    a = np.zeros((u_count, n))
+    active = np.ones(u_count, dtype=bool)
+    for _ in range(steps):
+        margins = at_x0 + np.einsum("unm,um->un", gram, a)
+        s = logistic(-beta * margins)
+        curv = beta * beta * w * s * (1 - s)
+        r = lam * a - beta * w * s  # the gradient in x is D^T r
+        delta = -np.linalg.solve(curv[:, :, None] * gram + lam * eye, r[:, :, None])[:, :, 0]
+        # Newton decrement squared: -grad_x . step_x = -r^T G delta
+        decrement = -np.einsum("un,unm,um->u", r, gram, delta)
+        active &= decrement > tol
+        if not active.any():
+            break
+        delta[~active] = 0.0
+        f0, slope, t = objective(a), np.einsum("un,unm,um->u", r, gram, delta), np.ones(u_count)
+        for _ in range(30):
+            bad = objective(a + t[:, None] * delta) > f0 + 1e-4 * t * slope
+            if not bad.any():
+                break
+            t[bad] /= 2
+        a += t[:, None] * delta
+    margins = at_x0 + np.einsum("unm,um->un", gram, a)
+    s = logistic(-beta * margins)
+    return a, beta * beta * w * s * (1 - s)
+
+
+def score_variance(pairs: PairSet | None, curvature, vectors, prior_precision: float) -> np.ndarray:
+    """Laplace posterior variance of v . x for each row v of vectors (K, d), e.g. v = y_a - y_b for the
+    variance of a score difference: v^T (lambda I + D^T W D)^{-1} v, by Woodbury in the span:
+
+        (1 / lambda) (||v||^2 - u^T (lambda I + S G S)^{-1} u),  u = S D v,  S = W^{1/2}.
+
+    curvature: the (P,) W of `MapFit.curvature`. Returns (K,) float64."""
+    v = np.asarray(vectors, np.float64)
+    base = np.einsum("kd,kd->k", v, v) / prior_precision
+    if pairs is None or not len(pairs):
+        return base
+    sq = np.sqrt(np.asarray(curvature, np.float64))
+    d64 = pairs.diffs.astype(np.float64)
+    gram = pairs.gram if pairs.gram is not None else d64 @ d64.T
+    u = sq[:, None] * (d64 @ v.T)  # (P, K)
+    inner = prior_precision * np.eye(len(sq)) + sq[:, None] * gram * sq[None, :]
+    return base - np.einsum("pk,pk->k", u, np.linalg.solve(inner, u)) / prior_precision
