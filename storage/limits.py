@@ -21,6 +21,7 @@ class Limits:
     lr_max: float = 100.0  # BT step size, 0 <= lr <= lr_max
     beta_max: float = 1_000.0  # BT inverse temperature, 0 < beta <= beta_max
     batch_size_max: int = 65_536  # images encoded per batch by `clipbt index`
+    shard_size_max: int = 10_000_000  # rows per shard written by `clipbt export-embeddings`
     query_max_chars: int = 1_000  # a query text, after stripping surrounding whitespace
     user_max_chars: int = 128  # a user name, after normalisation
     ranking_max_images: int = 100  # images in one ranking (at most 4,950 implied pairs)

@@ -575,3 +575,13 @@ def test_index_batch_sizes_are_bounded(tmp_path):
     result = CliRunner().invoke(main, ["--home", str(tmp_path), "index", str(tmp_path), "--batch-size", "65537"])
     assert result.exit_code == 2 and "Error: Invalid value for '--batch-size': 65537 is not in the range 1<=x<=65536." \
         in result.output
+
+
+def test_export_shard_size_is_bounded(tmp_path):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    result = CliRunner().invoke(main, ["export-embeddings", str(tmp_path / "out"), "--shard-size", "10000001"])
+    assert result.exit_code == 2 and "10000001 is not in the range 1<=x<=10000000" in result.output
+    assert not (tmp_path / "out").exists()

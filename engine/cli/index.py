@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from indexer.vectors.faiss import INDEX_TYPES
+from storage.limits import LIMITS
 from engine.cli.options import (
     DeferredOptions,
     collection_option,
@@ -23,7 +24,6 @@ EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see t
 
 def _batch_size_option() -> list[click.Parameter]:
     from indexer.pipeline import IndexOptions
-    from storage.limits import LIMITS
 
     return [click.Option(["--batch-size"], default=IndexOptions.batch_size, show_default=True,
                          type=click.IntRange(1, LIMITS.batch_size_max),
@@ -157,7 +157,8 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
 @click.command("export-embeddings")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @collection_option
-@click.option("--shard-size", default=1_000_000, show_default=True, type=click.IntRange(1), help="Rows per shard.")
+@click.option("--shard-size", default=1_000_000, show_default=True, type=click.IntRange(1, LIMITS.shard_size_max),
+              help="Rows per shard.")
 @json_option
 @click.pass_obj
 def export_embeddings_command(obj, directory, collection, shard_size, as_json):

@@ -1,6 +1,7 @@
 """Which pair of images to ask a user about next (`GET /api/v1/duel`): one swappable function.
 
-Strategy used until the preference-learning issue picks one ("least-sure adjacent pair"): take
+Strategy: the least-sure adjacent pair, the default the duel benchmark chose
+(`engine.duels`, benchmarks/bench_duels.py), here on the service's own personalised ranking: take
 the user's current personalised top `depth` results, set aside images already shown in one of
 their duels for this query (so every duel shows new images while there are any), and ask about
 the two neighbours in that order whose BT strengths are closest, i.e. where P(a over b) is
