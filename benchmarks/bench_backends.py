@@ -30,9 +30,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import describe  # benchmarks/machine.py
 
 from indexer.vectors.milvus import MilvusConfig, MilvusIndex
-from machine import describe  # benchmarks/machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEPTH = 26  # candidate_count(10): max(2 * 10, 10 + 16)
@@ -146,7 +146,9 @@ def main() -> None:
     (RESULTS / "backends.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'backend':>12} {'build':>8} {'one query':>10} {'batch':>10} {'recall@10':>9}")
     for name, f in facts.items():
-        print(f"{name:>12} {f['build_s']:7.1f}s {f['single_ms']:8.2f}ms {f['batch_ms']:8.1f}ms {f['recall_at_10']:9.3f}")
+        print(
+            f"{name:>12} {f['build_s']:7.1f}s {f['single_ms']:8.2f}ms {f['batch_ms']:8.1f}ms {f['recall_at_10']:9.3f}"
+        )
     _plot(result, RESULTS / "backends.png")
 
 

@@ -17,16 +17,26 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from machine import describe  # benchmarks/machine.py
 
 from indexer.default_model import DEFAULT_MODEL_NAME, register, weights_path
 from indexer.default_model.quality import HELD_OUT_SEED, encode_images
 from indexer.world import FEATURE_NAMES, feature_matrix, generate
-from machine import describe  # benchmarks/machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GROUPS = {"shape": "shape=", "colour": "colour=", "size": "size", "filled": "filled", "count": "count",
-          "background": "background=", "x (left-right)": "x", "y (top-bottom)": "y", "blur": "degraded=blur",
-          "noise": "degraded=noise", "jpeg": "degraded=jpeg"}
+GROUPS = {
+    "shape": "shape=",
+    "colour": "colour=",
+    "size": "size",
+    "filled": "filled",
+    "count": "count",
+    "background": "background=",
+    "x (left-right)": "x",
+    "y (top-bottom)": "y",
+    "blur": "degraded=blur",
+    "noise": "degraded=noise",
+    "jpeg": "degraded=jpeg",
+}
 
 
 def ridge_r2(x: np.ndarray, y: np.ndarray, alpha: float = 1e-2, folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -54,8 +64,10 @@ def measure(path: Path, n: int) -> dict:
     emb = encode_images(model, torch.stack([preprocess(img) for img, _ in world])).numpy().astype(np.float64)
     r2 = ridge_r2(emb, feature_matrix([a for _, a in world]))
     per_feature = dict(zip(FEATURE_NAMES, (float(v) for v in r2)))
-    grouped = {g: float(np.mean([v for k, v in per_feature.items() if (k.startswith(p) if p.endswith("=") else k == p)]))
-               for g, p in GROUPS.items()}
+    grouped = {
+        g: float(np.mean([v for k, v in per_feature.items() if (k.startswith(p) if p.endswith("=") else k == p)]))
+        for g, p in GROUPS.items()
+    }
     return {"weights": str(path), "per_feature": per_feature, "per_attribute": grouped}
 
 
@@ -71,10 +83,17 @@ def main() -> None:
     labels = args.labels or [p.name for p in args.weights]
     start = time.time()
     runs = {label: measure(path, args.images) for label, path in zip(labels, args.weights)}
-    report = {"command": "python benchmarks/bench_decodability.py --weights " + " ".join(map(str, args.weights))
-              + (" --labels " + " ".join(labels) if args.labels else "") + f" --images {args.images}",
-              "machine": describe(), "held_out_world_seed": HELD_OUT_SEED, "images": args.images,
-              "seconds": round(time.time() - start, 1), "models": runs}
+    report = {
+        "command": "python benchmarks/bench_decodability.py --weights "
+        + " ".join(map(str, args.weights))
+        + (" --labels " + " ".join(labels) if args.labels else "")
+        + f" --images {args.images}",
+        "machine": describe(),
+        "held_out_world_seed": HELD_OUT_SEED,
+        "images": args.images,
+        "seconds": round(time.time() - start, 1),
+        "models": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'attribute':>16} " + " ".join(f"{label[:14]:>14}" for label in labels))
@@ -94,8 +113,12 @@ def _plot(report: dict, path: Path) -> None:
     width = 0.8 / len(labels)
     xs = np.arange(len(GROUPS))
     for i, label in enumerate(labels):
-        ax.bar(xs + (i - (len(labels) - 1) / 2) * width, [report["models"][label]["per_attribute"][g] for g in GROUPS],
-               width, label=label)
+        ax.bar(
+            xs + (i - (len(labels) - 1) / 2) * width,
+            [report["models"][label]["per_attribute"][g] for g in GROUPS],
+            width,
+            label=label,
+        )
     ax.set_xticks(xs, list(GROUPS), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("held-out R^2 (ridge)")
     ax.set_ylim(0, 1)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe  # benchmarks/machine.py
 
-from engine.bt import map_adapt_many, PairSet
+from engine.bt import PairSet, map_adapt_many
 from engine.bt.map import MapConfig
+from engine.demo import demo_user
 from engine.duels import DEFAULT_STRATEGY, STRATEGIES, DuelConfig, choose_duel
 from engine.ranking import RankConfig, fit_strengths, rank_candidates
-from engine.demo import demo_user
 from indexer.world import COLOURS, SHAPES, generate, sample_users
-from machine import describe  # benchmarks/machine.py
 
 PRESETS = {"XS": (300, 2, 2), "S": (1000, 6, 4), "M": (2000, 12, 8)}
 CHECKPOINTS = (5, 10, 20)
@@ -46,7 +46,7 @@ def encode_world(n: int, seed: int, pretrained: str | None):
         encoder = Encoder.load()
     world = generate(n, seed)
     pixels = torch.stack([encoder.preprocess(img) for img, _ in world])
-    images = np.concatenate([encoder.encode_images(pixels[i:i + 256]) for i in range(0, n, 256)])
+    images = np.concatenate([encoder.encode_images(pixels[i : i + 256]) for i in range(0, n, 256)])
     return encoder, images.astype(np.float32), [a for _, a in world]
 
 
@@ -55,8 +55,9 @@ def search(x0, pairs_emb, pair_ids, images, beta: float, posterior: MapConfig, r
     with the user's direct comparisons among them; and the adapted query."""
     if pair_ids:
         p, r = pairs_emb
-        x = map_adapt_many(x0[None], [PairSet.of(np.stack(p), np.stack(r))], [None], posterior.prior_precision,
-                           posterior.beta)[0]
+        x = map_adapt_many(
+            x0[None], [PairSet.of(np.stack(p), np.stack(r))], [None], posterior.prior_precision, posterior.beta
+        )[0]
     else:
         x = x0
     sim = images @ x
@@ -78,14 +79,23 @@ def run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, co
     asked, pairs_ids, pref, rej, out = [], [], [], [], {}
     cand = np.array(candidates)
     for t in range(1, max(CHECKPOINTS) + 1):
-        a, b = choose_duel(cand, images[cand], x0, np.stack(pref) if pref else None, np.stack(rej) if rej else None,
-                           asked, strategy, rng, config)
+        a, b = choose_duel(
+            cand,
+            images[cand],
+            x0,
+            np.stack(pref) if pref else None,
+            np.stack(rej) if rej else None,
+            asked,
+            strategy,
+            rng,
+            config,
+        )
         asked.append((a, b))
         win = rng.random() < 1 / (1 + np.exp(-(u[a] - u[b])))
-        w, l = (a, b) if win else (b, a)
-        pairs_ids.append((w, l))
+        w, lose = (a, b) if win else (b, a)
+        pairs_ids.append((w, lose))
         pref.append(images[w])
-        rej.append(images[l])
+        rej.append(images[lose])
         if t in CHECKPOINTS:
             top, x = search(x0, (pref, rej), pairs_ids, images, config.posterior.beta, config.posterior, rank)
             s = images[cand] @ x
@@ -94,7 +104,11 @@ def run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, co
             i, j = i[keep], j[keep]
             p_true = 1 / (1 + np.exp(-(u[cand[i]] - u[cand[j]])))
             acc = np.where(s[i] > s[j], p_true, np.where(s[i] < s[j], 1 - p_true, 0.5)).mean()
-            out[t] = {"taste": float(good[top].mean()), "relevance": float(relevant[top].mean()), "pair_accuracy": float(acc)}
+            out[t] = {
+                "taste": float(good[top].mean()),
+                "relevance": float(relevant[top].mean()),
+                "pair_accuracy": float(acc),
+            }
     return out, pairs_ids, x
 
 
@@ -120,11 +134,17 @@ def compare_calibration(x, pairs_ids, images, utilities, candidates, beta: float
         conf = np.maximum(p, 1 - p)
         hit = np.where(p >= 0.5, p_true, 1 - p_true)
         edges = np.minimum(((conf - 0.5) * 20).astype(int), 9)
-        ece = sum((edges == b).mean() * abs(hit[edges == b].mean() - conf[edges == b].mean())
-                  for b in range(10) if (edges == b).any())
+        ece = sum(
+            (edges == b).mean() * abs(hit[edges == b].mean() - conf[edges == b].mean())
+            for b in range(10)
+            if (edges == b).any()
+        )
         chosen = 1 / (1 + np.exp(-(theta[win] - theta[lose]))) if len(win) else np.array([np.nan])
-        out[prior] = {"log_likelihood": float(np.mean(p_true * np.log(p) + (1 - p_true) * np.log(1 - p))),
-                      "ece": float(ece), "p_of_stated_answer": float(np.mean(chosen))}
+        out[prior] = {
+            "log_likelihood": float(np.mean(p_true * np.log(p) + (1 - p_true) * np.log(1 - p))),
+            "ece": float(ece),
+            "p_of_stated_answer": float(np.mean(chosen)),
+        }
     return out
 
 
@@ -133,8 +153,11 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="M")
     parser.add_argument("--seed", type=int, default=3, help="world seed (the demo's is 0) and users' seed")
     parser.add_argument("--pretrained", default=None, help="weights of clipbt-tiny (default: the shipped ones)")
-    parser.add_argument("--strategies", default=",".join([DEFAULT_STRATEGY] + [s for s in STRATEGIES if s != DEFAULT_STRATEGY]),
-                        help="comma-separated; compare's calibration is measured on the first")
+    parser.add_argument(
+        "--strategies",
+        default=",".join([DEFAULT_STRATEGY] + [s for s in STRATEGIES if s != DEFAULT_STRATEGY]),
+        help="comma-separated; compare's calibration is measured on the first",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "duels.json")
     args = parser.parse_args()
@@ -162,31 +185,45 @@ def main() -> None:
             plain["relevance"].append(float(relevant[top].mean()))
             for strategy in strategies:
                 rng = np.random.default_rng([args.seed, ui, qi])  # the same answers' randomness for every strategy
-                rows, pairs_ids, x = run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, config,
-                                             rank)
+                rows, pairs_ids, x = run_one(
+                    strategy, user, x0, relevant, images, utilities, candidates, rng, config, rank
+                )
                 for t, row in rows.items():
                     for key, value in row.items():
                         results[strategy][t][key].append(value)
                 if strategy == strategies[0]:
-                    for prior, row in compare_calibration(x, pairs_ids, images, utilities, candidates,
-                                                          config.posterior.beta).items():
+                    for prior, row in compare_calibration(
+                        x, pairs_ids, images, utilities, candidates, config.posterior.beta
+                    ).items():
                         for key, value in row.items():
                             calibration[prior][key].append(value)
         print(f"user {ui + 1}/{len(users)} done, {time.time() - start:.0f} s", flush=True)
-    summary = {s: {t: {k: {"mean": float(np.mean(v)), "sem": float(np.std(v) / np.sqrt(len(v)))} for k, v in row.items()}
-                   for t, row in by_t.items()} for s, by_t in results.items()}
+    summary = {
+        s: {
+            t: {k: {"mean": float(np.mean(v)), "sem": float(np.std(v) / np.sqrt(len(v)))} for k, v in row.items()}
+            for t, row in by_t.items()
+        }
+        for s, by_t in results.items()
+    }
     report = {
-        "command": "python benchmarks/bench_duels.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                  if v is not None and k != "out"),
+        "command": "python benchmarks/bench_duels.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
         "machine": describe(),
-        "world_seed": args.seed, "images": n_images, "users": len(users), "queries": [f"a {c} {s}" for c, s in queries],
+        "world_seed": args.seed,
+        "images": n_images,
+        "users": len(users),
+        "queries": [f"a {c} {s}" for c, s in queries],
         "pretrained": args.pretrained or "shipped clipbt-tiny",
         "posterior": {"prior_precision": config.posterior.prior_precision, "beta": config.posterior.beta},
         "before": {k: float(np.mean(v)) for k, v in plain.items()},
         "strategies": summary,
-        "compare_calibration": {"strategy": strategies[0], "answers": max(CHECKPOINTS),
-                                "by_ranking_prior_precision": {str(prior): {k: float(np.mean(v)) for k, v in row.items()}
-                                                               for prior, row in calibration.items()}},
+        "compare_calibration": {
+            "strategy": strategies[0],
+            "answers": max(CHECKPOINTS),
+            "by_ranking_prior_precision": {
+                str(prior): {k: float(np.mean(v)) for k, v in row.items()} for prior, row in calibration.items()
+            },
+        },
         "seconds": round(time.time() - start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,9 +233,13 @@ def main() -> None:
     for s in strategies:
         for t in CHECKPOINTS:
             r = summary[s][t]
-            print(f"{s:>13} {t:>7} {r['taste']['mean']:7.3f} {r['relevance']['mean']:9.3f} {r['pair_accuracy']['mean']:8.3f}")
-    print(f"\ncompare after {max(CHECKPOINTS)} answers ({strategies[0]}): ranking prior precision -> expected "
-          "log-likelihood, ECE, P(stated answer)")
+            print(
+                f"{s:>13} {t:>7} {r['taste']['mean']:7.3f} {r['relevance']['mean']:9.3f} {r['pair_accuracy']['mean']:8.3f}"
+            )
+    print(
+        f"\ncompare after {max(CHECKPOINTS)} answers ({strategies[0]}): ranking prior precision -> expected "
+        "log-likelihood, ECE, P(stated answer)"
+    )
     for prior, row in report["compare_calibration"]["by_ranking_prior_precision"].items():
         print(f"{float(prior):>10g} {row['log_likelihood']:8.4f} {row['ece']:6.3f} {row['p_of_stated_answer']:6.3f}")
     _plot(report, args.out.with_suffix(".png"))
@@ -211,8 +252,11 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=120)
-    for ax, key, title in zip(axes, ("taste", "relevance", "pair_accuracy"),
-                              ("taste share of top 10", "relevance of top 10", "held-out pair accuracy")):
+    for ax, key, title in zip(
+        axes,
+        ("taste", "relevance", "pair_accuracy"),
+        ("taste share of top 10", "relevance of top 10", "held-out pair accuracy"),
+    ):
         for s, by_t in report["strategies"].items():
             ts = [int(t) for t in by_t]
             mean = np.array([by_t[t][key]["mean"] for t in by_t])
@@ -224,8 +268,11 @@ def _plot(report: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"duel strategies, world seed {report['world_seed']}, {report['users']} users x "
-                 f"{len(report['queries'])} queries", fontsize=9)
+    fig.suptitle(
+        f"duel strategies, world seed {report['world_seed']}, {report['users']} users x "
+        f"{len(report['queries'])} queries",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

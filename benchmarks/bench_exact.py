@@ -27,9 +27,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-
-from indexer.vectors.exact import ExactConfig, ExactIndex, choose_flat_backend, configure_threads, int8_available, sketch_rows
 from machine import describe  # benchmarks/machine.py
+
+from indexer.vectors.exact import (
+    ExactConfig,
+    ExactIndex,
+    choose_flat_backend,
+    configure_threads,
+    int8_available,
+    sketch_rows,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"S": 10_000, "M": 100_000, "L": 1_000_000}
@@ -51,7 +58,7 @@ def reference(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 163
     best = np.full((len(queries), 0), -np.inf)
     q = queries.astype(np.float64)
     for start in range(0, len(vectors), block):
-        s = q @ vectors[start:start + block].astype(np.float64).T
+        s = q @ vectors[start : start + block].astype(np.float64).T
         best = -np.sort(-np.hstack([best, s]), axis=1)[:, :k]
     return best
 
@@ -60,8 +67,11 @@ def is_exact(vectors, row_of, queries, want, scores, ids) -> bool:
     """Every returned id carries the reference's score at its rank (1e-5), and so does the returned score."""
     rows = np.vectorize(row_of.get)(ids)
     true = np.einsum("bkd,bd->bk", vectors[rows].astype(np.float64), queries.astype(np.float64))
-    return bool(np.allclose(true, want, atol=1e-5) and np.allclose(scores, want, atol=1e-5)
-                and all(len(set(r)) == len(r) for r in ids.tolist()))
+    return bool(
+        np.allclose(true, want, atol=1e-5)
+        and np.allclose(scores, want, atol=1e-5)
+        and all(len(set(r)) == len(r) for r in ids.tolist())
+    )
 
 
 def timed(methods: dict, inputs: list, reps: int, rng) -> dict:
@@ -78,8 +88,11 @@ def timed(methods: dict, inputs: list, reps: int, rng) -> dict:
 def kernels(vectors: np.ndarray, single: np.ndarray, batch: np.ndarray, device: str, rng) -> dict:
     """The bare product + top-k in each precision, ms for one query and for the batch."""
     x = torch.from_numpy(vectors).to(device)
-    products = {"float32": (x, lambda q, x: q @ x.T), "bfloat16": (x.bfloat16(), lambda q, x: q.bfloat16() @ x.T),
-                "float16": (x.half(), lambda q, x: q.half() @ x.T)}
+    products = {
+        "float32": (x, lambda q, x: q @ x.T),
+        "bfloat16": (x.bfloat16(), lambda q, x: q.bfloat16() @ x.T),
+        "float16": (x.half(), lambda q, x: q.half() @ x.T),
+    }
     if device == "cpu" and int8_available():
         from indexer.vectors.exact import _int8_product
 
@@ -88,8 +101,10 @@ def kernels(vectors: np.ndarray, single: np.ndarray, batch: np.ndarray, device: 
     out = {}
     for label, queries, reps in (("single_ms", single[:1], 9), ("batch_ms", batch, 3)):
         q = torch.from_numpy(queries).to(device)
-        methods = {name: (lambda _, f=f, s=s: (f(q, s).float().topk(DEPTH, dim=1), _sync(device)))
-                   for name, (s, f) in products.items()}
+        methods = {
+            name: (lambda _, f=f, s=s, q=q: (f(q, s).float().topk(DEPTH, dim=1), _sync(device)))
+            for name, (s, f) in products.items()
+        }
         timed(methods, [None], 1, rng)  # warm-up
         for name, seconds in timed(methods, [None], reps, rng).items():
             out.setdefault(name, {})[label] = round(1000 * seconds, 2)
@@ -129,8 +144,10 @@ def main() -> None:
     ours = ExactIndex(args.dim, ExactConfig(device=device))
     ours.add(ids, vectors)
     build["clipbt"] = time.perf_counter() - start
-    print(f"{n:,} x {args.dim} on {device}, {threads} threads; built faiss {build['faiss_flat']:.2f} s, "
-          f"clipbt {build['clipbt']:.2f} s ({ours.kind})")
+    print(
+        f"{n:,} x {args.dim} on {device}, {threads} threads; built faiss {build['faiss_flat']:.2f} s, "
+        f"clipbt {build['clipbt']:.2f} s ({ours.kind})"
+    )
 
     def faiss_search(q):
         scores, rows = flat.search(q, DEPTH)
@@ -140,20 +157,35 @@ def main() -> None:
     want_single, want_batch = reference(vectors, singles, DEPTH), reference(vectors, batch, DEPTH)
     facts = {}
     for name, method in methods.items():
-        got_single = [method(singles[i:i + 1]) for i in range(len(singles))]
-        exact_single = is_exact(vectors, row_of, singles, want_single,
-                                np.vstack([s for s, _ in got_single]), np.vstack([i for _, i in got_single]))
+        got_single = [method(singles[i : i + 1]) for i in range(len(singles))]
+        exact_single = is_exact(
+            vectors,
+            row_of,
+            singles,
+            want_single,
+            np.vstack([s for s, _ in got_single]),
+            np.vstack([i for _, i in got_single]),
+        )
         facts[name] = {"exact": exact_single and is_exact(vectors, row_of, batch, want_batch, *method(batch))}
-    one = timed(methods, [singles[i:i + 1] for i in range(len(singles))], args.reps, rng)
+    one = timed(methods, [singles[i : i + 1] for i in range(len(singles))], args.reps, rng)
     many = timed(methods, [batch], args.batch_reps, rng)
     for name in methods:
-        facts[name].update(single_ms=round(1000 * one[name], 3), batch_ms=round(1000 * many[name], 1),
-                           build_s=round(build[name], 2))
+        facts[name].update(
+            single_ms=round(1000 * one[name], 3), batch_ms=round(1000 * many[name], 1), build_s=round(build[name], 2)
+        )
     backend, reason = choose_flat_backend(n, args.dim, device)
     result = {
-        "size": args.size, "n": n, "dim": args.dim, "k": DEPTH, "batch": batch_size, "reps": args.reps,
-        "batch_reps": args.batch_reps, "device": device, "machine": describe(),
-        "faiss_flat": facts["faiss_flat"], "clipbt": facts["clipbt"],
+        "size": args.size,
+        "n": n,
+        "dim": args.dim,
+        "k": DEPTH,
+        "batch": batch_size,
+        "reps": args.reps,
+        "batch_reps": args.batch_reps,
+        "device": device,
+        "machine": describe(),
+        "faiss_flat": facts["faiss_flat"],
+        "clipbt": facts["clipbt"],
         "speedup_single": round(facts["faiss_flat"]["single_ms"] / facts["clipbt"]["single_ms"], 2),
         "speedup_batch": round(facts["faiss_flat"]["batch_ms"] / facts["clipbt"]["batch_ms"], 2),
         "exact": facts["clipbt"]["exact"],
@@ -168,9 +200,13 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     for name in methods:
         f = facts[name]
-        print(f"{name:>10} one query {f['single_ms']:8.2f} ms  batch of {batch_size} {f['batch_ms']:8.1f} ms  exact {f['exact']}")
-    print(f"speedup one query {result['speedup_single']}x, batch {result['speedup_batch']}x, "
-          f"fallbacks {result['fallbacks']}; kernels {result['kernels']}")
+        print(
+            f"{name:>10} one query {f['single_ms']:8.2f} ms  batch of {batch_size} {f['batch_ms']:8.1f} ms  exact {f['exact']}"
+        )
+    print(
+        f"speedup one query {result['speedup_single']}x, batch {result['speedup_batch']}x, "
+        f"fallbacks {result['fallbacks']}; kernels {result['kernels']}"
+    )
     _plot(result, path.with_suffix(".png"))
 
 
@@ -188,9 +224,12 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     m = result["machine"]
-    fig.suptitle(f"{result['n']:,} x {result['dim']}, k={result['k']}, exact={result['exact']}; "
-                 f"{m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; speedup {result['speedup_single']}x / "
-                 f"{result['speedup_batch']}x", fontsize=8)
+    fig.suptitle(
+        f"{result['n']:,} x {result['dim']}, k={result['k']}, exact={result['exact']}; "
+        f"{m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; speedup {result['speedup_single']}x / "
+        f"{result['speedup_batch']}x",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

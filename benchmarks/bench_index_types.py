@@ -21,9 +21,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import describe  # benchmarks/machine.py
 
 from indexer.vectors.faiss import FaissIndex, plan_index
-from machine import describe  # benchmarks/machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TYPES = ("flat", "flat16", "ivf", "hnsw", "ivfpq")
@@ -53,27 +53,32 @@ def main() -> None:
     vectors = clustered(rng, centres, args.n)
     ids = np.arange(args.n, dtype=np.int64) + 1
     queries = clustered(rng, centres, args.reps + args.batch)
-    singles, batch = queries[: args.reps], queries[args.reps:]
+    singles, batch = queries[: args.reps], queries[args.reps :]
 
     indexes, facts = {}, {}
     for kind in TYPES:
         start = time.perf_counter()
         indexes[kind] = FaissIndex.build(ids, vectors, kind)
-        facts[kind] = {"factory": plan_index(kind, args.n, args.dim), "build_s": round(time.perf_counter() - start, 2),
-                       "size_mb": round(faiss.serialize_index(indexes[kind].cpu).size / 2**20, 1)}
+        facts[kind] = {
+            "factory": plan_index(kind, args.n, args.dim),
+            "build_s": round(time.perf_counter() - start, 2),
+            "size_mb": round(faiss.serialize_index(indexes[kind].cpu).size / 2**20, 1),
+        }
         print(f"built {kind:>7} ({facts[kind]['factory']}) in {facts[kind]['build_s']} s, {facts[kind]['size_mb']} MB")
 
     _, exact = indexes["flat"].search(batch, 10)
     for kind, index in indexes.items():
         _, found = index.search(batch, 10)
-        facts[kind]["recall_at_10"] = round(float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])), 4)
+        facts[kind]["recall_at_10"] = round(
+            float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])), 4
+        )
 
     single_times = {kind: [] for kind in TYPES}
     batch_times = {kind: [] for kind in TYPES}
     for rep in range(args.reps):
         for kind in rng.permutation(TYPES):
             start = time.perf_counter()
-            indexes[kind].search(singles[rep: rep + 1], DEPTH)
+            indexes[kind].search(singles[rep : rep + 1], DEPTH)
             single_times[kind].append(time.perf_counter() - start)
     for _ in range(args.batch_reps):
         for kind in rng.permutation(TYPES):
@@ -84,14 +89,24 @@ def main() -> None:
         facts[kind]["single_ms"] = round(1000 * statistics.median(single_times[kind]), 3)
         facts[kind]["batch_ms"] = round(1000 * statistics.median(batch_times[kind]), 1)
 
-    result = {"n": args.n, "dim": args.dim, "depth": DEPTH, "reps": args.reps, "batch": args.batch,
-              "batch_reps": args.batch_reps, "machine": describe(), "types": facts}
+    result = {
+        "n": args.n,
+        "dim": args.dim,
+        "depth": DEPTH,
+        "reps": args.reps,
+        "batch": args.batch,
+        "batch_reps": args.batch_reps,
+        "machine": describe(),
+        "types": facts,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "index_types.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'type':>7} {'one query':>10} {'batch':>10} {'recall@10':>9} {'size':>9} {'build':>8}")
     for kind, f in facts.items():
-        print(f"{kind:>7} {f['single_ms']:8.2f}ms {f['batch_ms']:8.1f}ms {f['recall_at_10']:9.3f} "
-              f"{f['size_mb']:7.1f}MB {f['build_s']:7.1f}s")
+        print(
+            f"{kind:>7} {f['single_ms']:8.2f}ms {f['batch_ms']:8.1f}ms {f['recall_at_10']:9.3f} "
+            f"{f['size_mb']:7.1f}MB {f['build_s']:7.1f}s"
+        )
     _plot(result, RESULTS / "index_types.png")
 
 
@@ -103,8 +118,11 @@ def _plot(result: dict, path: Path) -> None:
 
     kinds = list(result["types"])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("single_ms", "batch_ms", "recall_at_10"),
-                              ("one query (ms)", f"batch of {result['batch']} (ms)", "recall@10")):
+    for ax, key, label in zip(
+        axes,
+        ("single_ms", "batch_ms", "recall_at_10"),
+        ("one query (ms)", f"batch of {result['batch']} (ms)", "recall@10"),
+    ):
         ax.bar(kinds, [result["types"][k][key] for k in kinds])
         ax.set_title(label)
     m = result["machine"]

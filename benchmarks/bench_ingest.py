@@ -29,8 +29,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.encoder import Encoder  # noqa: E402
 from machine import describe  # noqa: E402  (benchmarks/machine.py)
+
+from indexer.encoder import Encoder  # noqa: E402
 from indexer.pipeline import IndexOptions, index_paths  # noqa: E402
 from storage import Store  # noqa: E402
 
@@ -52,7 +53,9 @@ def make_jpegs(folder: Path, n: int, size=(512, 384)) -> None:
 
 def encoder_only(encoder: Encoder, folder: Path, batch_size: int) -> float:
     """Images/s of the encoder alone on one preprocessed batch, after a warm-up."""
-    pixels = torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())[:batch_size]])
+    pixels = torch.stack(
+        [encoder.preprocess(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())[:batch_size]]
+    )
     encoder.encode_images(pixels)  # warm-up
     start = time.perf_counter()
     encoder.encode_images(pixels)
@@ -74,17 +77,33 @@ def timed_run(index, folder: Path) -> dict:
 def bench_model(model: str, folder: Path, repeats: int, batch_size: int, workers: int | None) -> dict:
     encoder = Encoder.load(model, "random")
     options = IndexOptions(batch_size=batch_size, workers=workers, progress=False)
-    runs = [timed_run(lambda store: index_paths(store, [folder], "bench", encoder, options), folder)
-            for _ in range(repeats)]
+    runs = [
+        timed_run(lambda store: index_paths(store, [folder], "bench", encoder, options), folder) for _ in range(repeats)
+    ]
     best = max(runs, key=lambda r: r["images_per_s"])
-    return {"model": model, "images": len(list(folder.iterdir())), "device": str(encoder.device),
-            "dtype": str(encoder.dtype), "batch_size": batch_size, "workers": workers,
-            "encoder_only_images_per_s": encoder_only(encoder, folder, batch_size),
-            "images_per_s": best["images_per_s"], "stages": best["stages"], "runs": runs}
+    return {
+        "model": model,
+        "images": len(list(folder.iterdir())),
+        "device": str(encoder.device),
+        "dtype": str(encoder.dtype),
+        "batch_size": batch_size,
+        "workers": workers,
+        "encoder_only_images_per_s": encoder_only(encoder, folder, batch_size),
+        "images_per_s": best["images_per_s"],
+        "stages": best["stages"],
+        "runs": runs,
+    }
 
 
-def bench_ray(model: str, folder: Path, repeats: int, batch_size: int, workers: int | None,
-              ray_workers: int | None, gpus_per_worker: float) -> dict:
+def bench_ray(
+    model: str,
+    folder: Path,
+    repeats: int,
+    batch_size: int,
+    workers: int | None,
+    ray_workers: int | None,
+    gpus_per_worker: float,
+) -> dict:
     """Local and Ray executors on the same images, runs interleaved (local, Ray, local, Ray...)."""
     from indexer.ray_executor import ENCODE, RayOptions, index_paths_ray
 
@@ -94,11 +113,20 @@ def bench_ray(model: str, folder: Path, repeats: int, batch_size: int, workers: 
     runs: dict[str, list[dict]] = {"local": [], "ray": []}
     for _ in range(repeats):
         runs["local"].append(timed_run(lambda store: index_paths(store, [folder], "bench", encoder, options), folder))
-        runs["ray"].append(timed_run(lambda store: index_paths_ray(store, [folder], "bench", model, "random", options,
-                                                                  ray_options), folder))
+        runs["ray"].append(
+            timed_run(
+                lambda store: index_paths_ray(store, [folder], "bench", model, "random", options, ray_options), folder
+            )
+        )
     n = len(list(folder.iterdir()))
-    result = {"model": model, "images": n, "batch_size": batch_size, "ray_workers": ray_workers,
-              "gpus_per_worker": gpus_per_worker, "encoder_only_images_per_s": encoder_only(encoder, folder, batch_size)}
+    result = {
+        "model": model,
+        "images": n,
+        "batch_size": batch_size,
+        "ray_workers": ray_workers,
+        "gpus_per_worker": gpus_per_worker,
+        "encoder_only_images_per_s": encoder_only(encoder, folder, batch_size),
+    }
     for executor, executor_runs in runs.items():
         best = max(executor_runs, key=lambda r: r["images_per_s"])
         result[executor] = {"images_per_s": best["images_per_s"], "stages": best["stages"], "runs": executor_runs}
@@ -137,10 +165,18 @@ def plot_ray(results: list[dict], path: Path, title: str) -> None:
     names = [r["model"] for r in results]
     x = np.arange(len(names))
     ax.bar(x - 0.27, [r["local"]["images_per_s"] for r in results], 0.27, label="local executor, end to end")
-    ax.bar(x, [r["ray"]["images_per_s"] for r in results], 0.27,
-           label=f"Ray executor ({results[0]['ray']['runs'][0]['workers']} workers), end to end")
-    ax.bar(x + 0.27, [r["ray"]["encode_images_per_s_per_worker"] for r in results], 0.27,
-           label="one Ray worker while encoding")
+    ax.bar(
+        x,
+        [r["ray"]["images_per_s"] for r in results],
+        0.27,
+        label=f"Ray executor ({results[0]['ray']['runs'][0]['workers']} workers), end to end",
+    )
+    ax.bar(
+        x + 0.27,
+        [r["ray"]["encode_images_per_s_per_worker"] for r in results],
+        0.27,
+        label="one Ray worker while encoding",
+    )
     ax.set_xticks(x, names)
     ax.set_yscale("log")
     ax.set_ylabel("images / s")
@@ -164,23 +200,37 @@ def main_ray(args, preset: dict, batch_size: int, device: str) -> None:
             folder = Path(tmp) / model
             folder.mkdir()
             make_jpegs(folder, preset[model])
-            result = bench_ray(model, folder, preset["repeats"], batch_size, args.workers, ray_workers,
-                               args.gpus_per_worker)
+            result = bench_ray(
+                model, folder, preset["repeats"], batch_size, args.workers, ray_workers, args.gpus_per_worker
+            )
             results.append(result)
             for executor in ("local", "ray"):
                 stages = ", ".join(f"{k} {v:.1f}s" for k, v in result[executor]["stages"].items())
-                print(f"{model:10s} {executor:5s} {result['images']:6d} images  {result[executor]['images_per_s']:9.1f} "
-                      f"images/s end to end  ({stages})", flush=True)
-            print(f"{model:10s} ray   {result['ray']['encode_images_per_s_per_worker']:9.1f} images/s per worker while "
-                  f"encoding, {result['encoder_only_images_per_s']:9.1f} encoder only in-process", flush=True)
-    out = {"preset": args.preset, "machine": describe(), "load_average_1_5_15_min": {"before": load_before,
-                                                                                   "after": os.getloadavg()},
-           "ray_start_s": ray_start,
-           "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, "results": results}
+                print(
+                    f"{model:10s} {executor:5s} {result['images']:6d} images  {result[executor]['images_per_s']:9.1f} "
+                    f"images/s end to end  ({stages})",
+                    flush=True,
+                )
+            print(
+                f"{model:10s} ray   {result['ray']['encode_images_per_s_per_worker']:9.1f} images/s per worker while "
+                f"encoding, {result['encoder_only_images_per_s']:9.1f} encoder only in-process",
+                flush=True,
+            )
+    out = {
+        "preset": args.preset,
+        "machine": describe(),
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+        "ray_start_s": ray_start,
+        "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+        "results": results,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ingest_ray_{device}.json").write_text(json.dumps(out, indent=2))
-    plot_ray(results, RESULTS / f"ingest_ray_{device}.png",
-             f"clipbt ingestion, local vs Ray, {out['machine']['gpu'] or out['machine']['cpu']} ({os.cpu_count()} cores)")
+    plot_ray(
+        results,
+        RESULTS / f"ingest_ray_{device}.png",
+        f"clipbt ingestion, local vs Ray, {out['machine']['gpu'] or out['machine']['cpu']} ({os.cpu_count()} cores)",
+    )
 
 
 def main() -> None:
@@ -190,8 +240,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 512 on CUDA")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
     parser.add_argument("--ray", action="store_true", help="compare the local and Ray executors (needs clipbt[ray])")
-    parser.add_argument("--ray-workers", type=int, default=None,
-                        help="Ray encoder actors (default: one per GPU with --gpus-per-worker, else one per core)")
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        help="Ray encoder actors (default: one per GPU with --gpus-per-worker, else one per core)",
+    )
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray encoder actor")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
@@ -209,14 +263,20 @@ def main() -> None:
             result = bench_model(model, folder, preset["repeats"], batch_size, args.workers)
             results.append(result)
             stages = ", ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items())
-            print(f"{model:10s} {result['images']:6d} images  {result['images_per_s']:9.1f} images/s end to end  "
-                  f"{result['encoder_only_images_per_s']:9.1f} encoder only  ({result['device']}, {stages})", flush=True)
+            print(
+                f"{model:10s} {result['images']:6d} images  {result['images_per_s']:9.1f} images/s end to end  "
+                f"{result['encoder_only_images_per_s']:9.1f} encoder only  ({result['device']}, {stages})",
+                flush=True,
+            )
     device = "gpu" if cuda else "cpu"
     RESULTS.mkdir(exist_ok=True)
     out = {"preset": args.preset, "machine": describe(), "results": results}
     (RESULTS / f"ingest_{device}.json").write_text(json.dumps(out, indent=2))
-    plot(results, RESULTS / f"ingest_{device}.png",
-         f"clipbt ingestion, {out['machine']['gpu'] or out['machine']['cpu']} ({os.cpu_count()} cores)")
+    plot(
+        results,
+        RESULTS / f"ingest_{device}.png",
+        f"clipbt ingestion, {out['machine']['gpu'] or out['machine']['cpu']} ({os.cpu_count()} cores)",
+    )
 
 
 if __name__ == "__main__":

@@ -32,20 +32,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe  # benchmarks/machine.py
 
 from engine.bt import AdaptConfig
 from engine.search import Engine, SearchConfig, SearchRequest
 from indexer.encoder import Encoder
 from indexer.vectors.collection import IndexFiles
 from indexer.vectors.faiss import FaissIndex
-from machine import describe  # benchmarks/machine.py
 from storage import ImageRecord, Store, StoreConfig
 
 SIZES = {"S": 10_000, "M": 100_000, "L": 300_000}
 DIM = 512
 RESULTS = Path(__file__).resolve().parent / "results"
-TEXTS = [f"a photo of {c} {s}" for c in ("red", "blue", "green", "small", "large", "dark", "bright", "striped")
-         for s in ("circles", "squares", "stars", "crosses", "cats", "dogs", "cars", "houses")]
+TEXTS = [
+    f"a photo of {c} {s}"
+    for c in ("red", "blue", "green", "small", "large", "dark", "bright", "striped")
+    for s in ("circles", "squares", "stars", "crosses", "cats", "dogs", "cars", "houses")
+]
 
 
 def build(folder: Path, n: int, users: int, pairs: int, seed: int):
@@ -57,9 +60,10 @@ def build(folder: Path, n: int, users: int, pairs: int, seed: int):
     ids = []
     for start in range(0, n, 10_000):
         chunk = range(start, min(n, start + 10_000))
-        records = [ImageRecord(f"/bench/{i:07d}.jpg", hashlib.sha256(str(i).encode()).hexdigest(), 64, 64)
-                   for i in chunk]
-        ids += store.add_images(coll.id, records, vectors[chunk.start:chunk.stop])
+        records = [
+            ImageRecord(f"/bench/{i:07d}.jpg", hashlib.sha256(str(i).encode()).hexdigest(), 64, 64) for i in chunk
+        ]
+        ids += store.add_images(coll.id, records, vectors[chunk.start : chunk.stop])
     ids = np.array(ids, dtype=np.int64)
     for u in range(users):
         for _ in range(pairs):
@@ -123,10 +127,10 @@ def main() -> None:
         # Interleaved in a fresh random order every repetition, so load on the shared CPU, and
         # whatever one mode leaves behind (warm caches, spinning threads), hits every mode alike.
         order = np.random.default_rng(1)
-        for rep in range(args.reps):
+        for _rep in range(args.reps):
             for name in order.permutation(list(single)):
                 times[name].append(timed(*single[name]))
-        for rep in range(args.batch_reps):
+        for _rep in range(args.batch_reps):
             for name in order.permutation(list(batch)):
                 times[name].append(timed(*batch[name]))
         store.close()
@@ -140,13 +144,23 @@ def main() -> None:
     }
     goals = {"personal_over_plain": 1.10, "batch_personal_over_batch_plain": 1.25}
     result = {
-        "size": args.size, "n": n, "dim": DIM, "index": "flat", "k": 10, "pairs_per_user": args.pairs,
-        "steps": args.steps, "scope": args.scope, "batch": args.batch, "reps": args.reps,
-        "batch_reps": args.batch_reps, "machine": describe(),
+        "size": args.size,
+        "n": n,
+        "dim": DIM,
+        "index": "flat",
+        "k": 10,
+        "pairs_per_user": args.pairs,
+        "steps": args.steps,
+        "scope": args.scope,
+        "batch": args.batch,
+        "reps": args.reps,
+        "batch_reps": args.batch_reps,
+        "machine": describe(),
         "median_ms": {name: round(1000 * m, 3) for name, m in medians.items()},
         "p90_ms": {name: round(1000 * float(np.percentile(t, 90)), 3) for name, t in times.items()},
         "ratios": {name: round(r, 3) for name, r in ratios.items()},
-        "goals": goals, "met": {name: ratios[name] <= goal for name, goal in goals.items()},
+        "goals": goals,
+        "met": {name: ratios[name] <= goal for name, goal in goals.items()},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "query_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -172,9 +186,12 @@ def _plot(times: dict, result: dict, path: Path) -> None:
     axes[0].set_title(f"one query, {result['pairs_per_user']} pairs, {result['steps']} steps")
     axes[1].set_title(f"batch of {result['batch']} users")
     m = result["machine"]
-    fig.suptitle(f"flat {result['n']:,} x {result['dim']}; {m['cpu']}, {m['cores']} cores; "
-                 f"ratios {result['ratios']['personal_over_plain']:.3f} / "
-                 f"{result['ratios']['batch_personal_over_batch_plain']:.3f}", fontsize=9)
+    fig.suptitle(
+        f"flat {result['n']:,} x {result['dim']}; {m['cpu']}, {m['cores']} cores; "
+        f"ratios {result['ratios']['personal_over_plain']:.3f} / "
+        f"{result['ratios']['batch_personal_over_batch_plain']:.3f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

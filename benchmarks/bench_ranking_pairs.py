@@ -64,8 +64,9 @@ def run(users: int, sizes: list[int], d: int, strength: float, seed: int) -> dic
             results["plackett-luce"][m].append(accuracy(x))
     return {
         "accuracy": {name: {m: float(np.mean(v)) for m, v in by.items() if v} for name, by in results.items()},
-        "stderr": {name: {m: float(np.std(v) / np.sqrt(len(v))) for m, v in by.items() if v}
-                   for name, by in results.items()},
+        "stderr": {
+            name: {m: float(np.std(v) / np.sqrt(len(v))) for m, v in by.items() if v} for name, by in results.items()
+        },
         "ms_per_adapt": {name: {m: 1000 * s / users for m, s in by.items()} for name, by in seconds.items()},
     }
 
@@ -82,13 +83,18 @@ def main() -> None:
     out = run(args.users, sizes, args.dim, args.strength, args.seed)
     from benchmarks.machine import describe
 
-    out = {"command": "python benchmarks/bench_ranking_pairs.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items()), "machine": describe(), **out}
+    out = {
+        "command": "python benchmarks/bench_ranking_pairs.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "machine": describe(),
+        **out,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ranking_pairs.json").write_text(json.dumps(out, indent=2))
     for name in ("all pairs", "adjacent pairs", "plackett-luce"):
-        print(name.ljust(16), "  ".join(f"m={m}: {out['accuracy'][name][m]:.3f} ({out['ms_per_adapt'][name][m]:.2f} ms)"
-                                        for m in sizes))
+        print(
+            name.ljust(16),
+            "  ".join(f"m={m}: {out['accuracy'][name][m]:.3f} ({out['ms_per_adapt'][name][m]:.2f} ms)" for m in sizes),
+        )
     print("original".ljust(16), f"{out['accuracy']['original'][sizes[0]]:.3f}")
     import matplotlib
 
@@ -97,8 +103,14 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in ("all pairs", "adjacent pairs", "plackett-luce"):
-        ax.errorbar(sizes, [out["accuracy"][name][m] for m in sizes], [out["stderr"][name][m] for m in sizes],
-                    marker="o", label=name, capsize=3)
+        ax.errorbar(
+            sizes,
+            [out["accuracy"][name][m] for m in sizes],
+            [out["stderr"][name][m] for m in sizes],
+            marker="o",
+            label=name,
+            capsize=3,
+        )
     ax.axhline(out["accuracy"]["original"][sizes[0]], color="grey", ls="--", label="original")
     ax.set_xlabel("images in the one ranking")
     ax.set_ylabel("held-out pair accuracy")

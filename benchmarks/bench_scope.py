@@ -41,16 +41,24 @@ def trial(rng, alpha: float, scope: str, bandwidth: float) -> tuple[float, float
 
     pairs = _unit(rng.standard_normal((QUERIES * PAIRS, 2, DIM)))
     owner_query = np.repeat(np.arange(QUERIES), PAIRS)
-    first_wins = np.array([rng.random() < 1 / (1 + np.exp(-STRENGTH * (utility(j, a) - utility(j, b))))
-                           for j, (a, b) in zip(owner_query, pairs)])
+    first_wins = np.array(
+        [
+            rng.random() < 1 / (1 + np.exp(-STRENGTH * (utility(j, a) - utility(j, b))))
+            for j, (a, b) in zip(owner_query, pairs)
+        ]
+    )
     preferred = np.where(first_wins[:, None], pairs[:, 0], pairs[:, 1])
     rejected = np.where(first_wins[:, None], pairs[:, 1], pairs[:, 0])
     accuracy = []
     for j in (0, QUERIES):  # a query with its own pairs, a new one
         w = pair_weights(texts[j], texts, owner_query, np.ones(len(owner_query)), scope, bandwidth)
-        x = adapt_batched(texts[j][None].astype(np.float32), preferred.astype(np.float32),
-                          rejected.astype(np.float32), np.zeros(len(w), dtype=np.int64),
-                          weights=effective_weights(w).astype(np.float32))[0]
+        x = adapt_batched(
+            texts[j][None].astype(np.float32),
+            preferred.astype(np.float32),
+            rejected.astype(np.float32),
+            np.zeros(len(w), dtype=np.int64),
+            weights=effective_weights(w).astype(np.float32),
+        )[0]
         test = _unit(rng.standard_normal((TEST_PAIRS, 2, DIM)))
         truth = utility(j, test[:, 0]) > utility(j, test[:, 1])
         accuracy.append(float(np.mean(((test[:, 0] - test[:, 1]) @ x > 0) == truth)))
@@ -68,15 +76,25 @@ def main() -> None:
         for scope in ("all", "query-kernel"):
             rng = np.random.default_rng(0)  # the same users for both scopes
             acc = np.array([trial(rng, alpha, scope, args.bandwidth) for _ in range(args.users)])
-            row = {"alpha": alpha, "scope": scope, "seen": float(acc[:, 0].mean()), "unseen": float(acc[:, 1].mean()),
-                   "seen_se": float(acc[:, 0].std() / np.sqrt(len(acc))), "unseen_se": float(acc[:, 1].std() / np.sqrt(len(acc)))}
+            row = {
+                "alpha": alpha,
+                "scope": scope,
+                "seen": float(acc[:, 0].mean()),
+                "unseen": float(acc[:, 1].mean()),
+                "seen_se": float(acc[:, 0].std() / np.sqrt(len(acc))),
+                "unseen_se": float(acc[:, 1].std() / np.sqrt(len(acc))),
+            }
             rows.append(row)
             print(f"{alpha:>5} {scope:>13} {row['seen']:6.3f} {row['unseen']:7.3f}")
-    mean = {s: float(np.mean([(r["seen"] + r["unseen"]) / 2 for r in rows if r["scope"] == s])) for s in ("all", "query-kernel")}
+    mean = {
+        s: float(np.mean([(r["seen"] + r["unseen"]) / 2 for r in rows if r["scope"] == s]))
+        for s in ("all", "query-kernel")
+    }
     print("mean accuracy:", {s: round(m, 3) for s, m in mean.items()})
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scope.json").write_text(json.dumps(
-        {"users": args.users, "bandwidth": args.bandwidth, "rows": rows, "mean": mean}, indent=2) + "\n")
+    (RESULTS / "scope.json").write_text(
+        json.dumps({"users": args.users, "bandwidth": args.bandwidth, "rows": rows, "mean": mean}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -14,16 +14,21 @@ import os
 import tempfile
 from pathlib import Path
 
+from machine import describe  # benchmarks/machine.py
 
 from engine.bt import AdaptConfig
 from engine.demo import DEMO_COLLECTION, DEMO_USER, DemoConfig, matches_taste, run_demo
 from engine.search import Engine, SearchConfig
 from indexer.world import read_collection
-from machine import describe  # benchmarks/machine.py
 from storage import Store
 
 SETTINGS = [  # (lr, steps, beta)
-    (0.05, 1, 1.0), (0.3, 5, 1.0), (0.5, 3, 1.0), (0.5, 5, 1.0), (1.0, 5, 1.0), (0.5, 3, 5.0),
+    (0.05, 1, 1.0),
+    (0.3, 5, 1.0),
+    (0.5, 3, 1.0),
+    (0.5, 5, 1.0),
+    (1.0, 5, 1.0),
+    (0.5, 3, 5.0),
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,15 +46,26 @@ def main() -> None:
                 search = SearchConfig(adapt=AdaptConfig(lr=lr, steps=steps, beta=beta))
                 hits = engine.search(config.query, user=DEMO_USER, k=config.k, config=search)
                 attrs = [truth[h.path] for h in hits]
-                row = {"lr": lr, "steps": steps, "beta": beta,
-                       "taste": sum(matches_taste(a) for a in attrs),
-                       "relevant": sum(a.colour == "red" and a.shape == "circle" for a in attrs)}
+                row = {
+                    "lr": lr,
+                    "steps": steps,
+                    "beta": beta,
+                    "taste": sum(matches_taste(a) for a in attrs),
+                    "relevant": sum(a.colour == "red" and a.shape == "circle" for a in attrs),
+                }
                 rows.append(row)
-                print(f"lr {lr:<5} steps {steps}  beta {beta:<4}  taste {row['taste']:>2}/10  relevant {row['relevant']:>2}/10")
-    out = {"query": config.query, "images": config.images, "questions": config.questions, "k": config.k,
-           "defaults": {"lr": AdaptConfig().lr, "steps": AdaptConfig().steps, "beta": AdaptConfig().beta},
-           "machine": describe(),
-           "rows": rows}
+                print(
+                    f"lr {lr:<5} steps {steps}  beta {beta:<4}  taste {row['taste']:>2}/10  relevant {row['relevant']:>2}/10"
+                )
+    out = {
+        "query": config.query,
+        "images": config.images,
+        "questions": config.questions,
+        "k": config.k,
+        "defaults": {"lr": AdaptConfig().lr, "steps": AdaptConfig().steps, "beta": AdaptConfig().beta},
+        "machine": describe(),
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search_defaults.json").write_text(json.dumps(out, indent=2) + "\n")
 

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_query import DIM, SIZES, TEXTS, build  # benchmarks/bench_query.py
 from machine import describe  # benchmarks/machine.py
 
@@ -75,8 +74,16 @@ class Connection:
             self.writer = None
 
 
-async def run_level(port: int, tokens: dict[str, str], image_ids: np.ndarray, concurrency: int,
-                    max_requests: int, max_seconds: float, write_every: int, seed: int) -> dict:
+async def run_level(
+    port: int,
+    tokens: dict[str, str],
+    image_ids: np.ndarray,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    write_every: int,
+    seed: int,
+) -> dict:
     users = sorted(tokens)
     latencies: list[float] = []
     counts = {"searches": 0, "writes": 0, "errors": 0}
@@ -100,7 +107,9 @@ async def run_level(port: int, tokens: dict[str, str], image_ids: np.ndarray, co
                     counts["writes"] += ok
                 else:
                     start = time.perf_counter()
-                    status, payload = await conn.request(tokens[user], "GET", f"/api/v1/search?q={text.replace(' ', '+')}&k=10")
+                    status, payload = await conn.request(
+                        tokens[user], "GET", f"/api/v1/search?q={text.replace(' ', '+')}&k=10"
+                    )
                     ok = status == 200 and len(json.loads(payload)["results"]) == 10
                     if ok:
                         latencies.append(time.perf_counter() - start)
@@ -114,15 +123,22 @@ async def run_level(port: int, tokens: dict[str, str], image_ids: np.ndarray, co
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "wall_s": round(wall, 2), **counts,
-            "qps": round(counts["searches"] / wall, 1), **_percentiles(latencies)}
+    return {
+        "concurrency": concurrency,
+        "wall_s": round(wall, 2),
+        **counts,
+        "qps": round(counts["searches"] / wall, 1),
+        **_percentiles(latencies),
+    }
 
 
 def _percentiles(seconds: list[float]) -> dict:
     if not seconds:
         return {"p50_ms": None, "p99_ms": None}
-    return {"p50_ms": round(1000 * float(np.percentile(seconds, 50)), 2),
-            "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 2)}
+    return {
+        "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 2),
+        "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 2),
+    }
 
 
 def baseline_round(engine, users: list[str], count: int, rng: random.Random) -> dict:
@@ -148,7 +164,9 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="M", help="collection size preset")
     parser.add_argument("--users", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=50)
-    parser.add_argument("--write-every", type=int, default=10, help="every n-th request of a client is a preference write")
+    parser.add_argument(
+        "--write-every", type=int, default=10, help="every n-th request of a client is a preference write"
+    )
     parser.add_argument("--baseline", type=int, default=100, help="searches per baseline round")
     args = parser.parse_args()
     n = SIZES[args.size]
@@ -175,13 +193,20 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port)], env=env)
         try:
             _wait_healthy(port, server)
-            asyncio.run(run_level(port, tokens, image_ids, 8, max(len(users), 4 * len(TEXTS)), 300.0, 0, seed=99))  # warm-up
+            asyncio.run(
+                run_level(port, tokens, image_ids, 8, max(len(users), 4 * len(TEXTS)), 300.0, 0, seed=99)
+            )  # warm-up
             rng = random.Random(1)
             rounds, levels = [], []
             rounds.append(baseline_round(engine, users, args.baseline, rng))
             for concurrency, (count, seconds) in LEVELS.items():
-                levels.append(asyncio.run(run_level(port, tokens, image_ids, concurrency, count, seconds,
-                                                    args.write_every, seed=concurrency)))
+                levels.append(
+                    asyncio.run(
+                        run_level(
+                            port, tokens, image_ids, concurrency, count, seconds, args.write_every, seed=concurrency
+                        )
+                    )
+                )
                 rounds.append(baseline_round(engine, users, args.baseline, rng))
                 print(f"served  c={concurrency:<3} {levels[-1]}")
                 print(f"in-process one at a time {rounds[-1]}")
@@ -195,20 +220,40 @@ def main() -> None:
     base_qps = statistics.median(r["qps"] for r in rounds)
     top = levels[-1]
     result = {
-        "size": args.size, "n": n, "dim": DIM, "index": "flat", "k": 10, "users": len(users),
-        "pairs_per_user": args.pairs, "write_every": args.write_every, "machine": describe(),
-        "baseline_rounds": rounds, "baseline_qps_median": base_qps, "levels": levels,
-        "writes_acknowledged": writes, "writes_in_store": pairs_after - pairs_before,
+        "size": args.size,
+        "n": n,
+        "dim": DIM,
+        "index": "flat",
+        "k": 10,
+        "users": len(users),
+        "pairs_per_user": args.pairs,
+        "write_every": args.write_every,
+        "machine": describe(),
+        "baseline_rounds": rounds,
+        "baseline_qps_median": base_qps,
+        "levels": levels,
+        "writes_acknowledged": writes,
+        "writes_in_store": pairs_after - pairs_before,
         "speedup_at_64": round(top["qps"] / base_qps, 2),
         "goals": {"speedup_at_64": ">= 3", "p99_ms_at_64": "<= 1000", "errors": 0, "every_write_lands": True},
-        "met": {"speedup_at_64": top["qps"] >= 3 * base_qps, "p99_ms_at_64": top["p99_ms"] is not None and top["p99_ms"] <= 1000,
-                "errors": sum(level["errors"] for level in levels) == 0,
-                "every_write_lands": writes == pairs_after - pairs_before},
+        "met": {
+            "speedup_at_64": top["qps"] >= 3 * base_qps,
+            "p99_ms_at_64": top["p99_ms"] is not None and top["p99_ms"] <= 1000,
+            "errors": sum(level["errors"] for level in levels) == 0,
+            "every_write_lands": writes == pairs_after - pairs_before,
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("baseline_qps_median", "speedup_at_64", "writes_acknowledged",
-                                             "writes_in_store", "met")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("baseline_qps_median", "speedup_at_64", "writes_acknowledged", "writes_in_store", "met")
+            },
+            indent=2,
+        )
+    )
     _plot(result, RESULTS / "serve.png")
 
 
@@ -252,9 +297,12 @@ def _plot(result: dict, path: Path) -> None:
     axes[1].set_ylabel("latency (ms)")
     axes[1].legend(fontsize=8)
     m = result["machine"]
-    fig.suptitle(f"clipbt serve, flat {result['n']:,} x {result['dim']}, {result['users']} users x "
-                 f"{result['pairs_per_user']} pairs; {m['cpu']}, {m['cores']} cores; "
-                 f"{result['speedup_at_64']}x at 64", fontsize=9)
+    fig.suptitle(
+        f"clipbt serve, flat {result['n']:,} x {result['dim']}, {result['users']} users x "
+        f"{result['pairs_per_user']} pairs; {m['cpu']}, {m['cores']} cores; "
+        f"{result['speedup_at_64']}x at 64",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

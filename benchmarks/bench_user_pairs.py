@@ -36,8 +36,12 @@ def main() -> None:
         ids = np.array(store.add_images(coll.id, records, vectors))
         pick = rng.choice(ids, (args.pairs, 2))
         pick = pick[pick[:, 0] != pick[:, 1]]
-        store.import_preferences([PreferenceRecord("pair", "ann", coll.id, f"q{n % 50}", ((int(a), 0), (int(b), 1)), "pair")
-                                  for n, (a, b) in enumerate(pick)])
+        store.import_preferences(
+            [
+                PreferenceRecord("pair", "ann", coll.id, f"q{n % 50}", ((int(a), 0), (int(b), 1)), "pair")
+                for n, (a, b) in enumerate(pick)
+            ]
+        )
         cached = Engine(store, coll, config=SearchConfig(scope="all"))
         cached._user_pairs("ann", store.preference_version("ann"))
         times = {"extend cached": [], "full reload": []}
@@ -53,10 +57,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     from benchmarks.machine import describe
 
-    out = {"command": f"python benchmarks/bench_user_pairs.py --pairs {args.pairs} --repeats {args.repeats}",
-           "machine": describe(), "pairs": len(pick),
-           "median_ms": {k: 1000 * float(np.median(v)) for k, v in times.items()},
-           "ms": {k: [1000 * t for t in v] for k, v in times.items()}}
+    out = {
+        "command": f"python benchmarks/bench_user_pairs.py --pairs {args.pairs} --repeats {args.repeats}",
+        "machine": describe(),
+        "pairs": len(pick),
+        "median_ms": {k: 1000 * float(np.median(v)) for k, v in times.items()},
+        "ms": {k: [1000 * t for t in v] for k, v in times.items()},
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "user_pairs.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out["median_ms"]), "pairs", out["pairs"])

@@ -32,7 +32,11 @@ def main() -> None:
     start = time.perf_counter()
     quality = measure(model, preprocess, tokenizer, n_images=SIZES[args.size])
     seconds = time.perf_counter() - start
-    p_at_10 = {n: measure(model, preprocess, tokenizer, n_images=n).precision_at_10 for n in (1000, 2000) if n < quality.n_images}
+    p_at_10 = {
+        n: measure(model, preprocess, tokenizer, n_images=n).precision_at_10
+        for n in (1000, 2000)
+        if n < quality.n_images
+    }
     p_at_10[quality.n_images] = quality.precision_at_10
     result = {
         "model": DEFAULT_MODEL_NAME,
@@ -47,7 +51,9 @@ def main() -> None:
     (RESULTS / "eval_default_model.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{'images':>8} {'shape acc':>10} {'colour acc':>11} {'p@10':>6}  (targets: 0.90, 0.90, 0.80)")
-    print(f"{quality.n_images:>8} {quality.shape_accuracy:>10.3f} {quality.colour_accuracy:>11.3f} {quality.precision_at_10:>6.3f}")
+    print(
+        f"{quality.n_images:>8} {quality.shape_accuracy:>10.3f} {quality.colour_accuracy:>11.3f} {quality.precision_at_10:>6.3f}"
+    )
     print(f"\n{'images':>8} {'p@10':>6}")
     for n, p in p_at_10.items():
         print(f"{n:>8} {p:>6.3f}")

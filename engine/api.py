@@ -27,8 +27,9 @@ class Clipbt:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, home: str | Path | None = None, db: str | None = None,
-             config: SearchConfig = SearchConfig()) -> "Clipbt":
+    def open(
+        cls, home: str | Path | None = None, db: str | None = None, config: SearchConfig = SearchConfig()
+    ) -> "Clipbt":
         """The store at database URL `db`, else the SQLite file in the data home `home`."""
         return cls(Store.open(db, home=home), config)
 
@@ -49,18 +50,27 @@ class Clipbt:
                 engine = self._engines[collection] = Engine.open(self.store, collection, self.config)
             return engine
 
-    def search(self, query: str | None = None, user: str | None = None, k: int = 10,
-               collection: str = "default", vector=None, config: SearchConfig | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: str | None = None,
+        user: str | None = None,
+        k: int = 10,
+        collection: str = "default",
+        vector=None,
+        config: SearchConfig | None = None,
+    ) -> list[Hit]:
         """The k best images for `query` (or a query `vector`), personalised for `user`."""
         return self.engine(collection).search(query, user, k, vector, config)
 
-    def search_many(self, requests: Sequence[SearchRequest], collection: str = "default",
-                    config: SearchConfig | None = None) -> list[list[Hit]]:
+    def search_many(
+        self, requests: Sequence[SearchRequest], collection: str = "default", config: SearchConfig | None = None
+    ) -> list[list[Hit]]:
         """Many searches answered by one batched adaptation and one index search."""
         return self.engine(collection).search_many(requests, config)
 
-    def prefer(self, user: str, query: str, preferred: int | str, rejected: int | str,
-               collection: str = "default") -> int:
+    def prefer(
+        self, user: str, query: str, preferred: int | str, rejected: int | str, collection: str = "default"
+    ) -> int:
         """Record that `user` preferred one image (id or path) over another for `query`."""
         return self.engine(collection).prefer(user, query, preferred, rejected)
 
@@ -68,13 +78,13 @@ class Clipbt:
         """Record `user`'s ranking of images for `query`, best first."""
         return self.engine(collection).rank(user, query, images)
 
-    def feedback(self, user: str, query: str, good: Sequence[int | str], bad: Sequence[int | str],
-                 collection: str = "default") -> int:
+    def feedback(
+        self, user: str, query: str, good: Sequence[int | str], bad: Sequence[int | str], collection: str = "default"
+    ) -> int:
         """Record thumbs up and down for `query`: every good image over every bad one."""
         return self.engine(collection).feedback(user, query, good, bad)
 
-    def compare(self, user: str | None, query: str, a: int | str, b: int | str,
-                collection: str = "default") -> float:
+    def compare(self, user: str | None, query: str, a: int | str, b: int | str, collection: str = "default") -> float:
         """P(a over b) for `user` and `query`."""
         return self.engine(collection).compare(user, query, a, b)
 

@@ -60,8 +60,13 @@ def matches_taste(attrs: Attributes) -> bool:
     return not attrs.filled
 
 
-def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print,
-             progress: bool = True, db: str | None = None) -> DemoResult:
+def run_demo(
+    home: Path,
+    config: DemoConfig = DemoConfig(),
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+    db: str | None = None,
+) -> DemoResult:
     """Generate, index, search, collect `config.questions` answers from the demo user, search again.
     db: the store's URL (default: SQLite in `home`); images and index files stay under `home`."""
     folder = home / DEMO_COLLECTION / "images"
@@ -92,19 +97,29 @@ def run_demo(home: Path, config: DemoConfig = DemoConfig(), echo: Callable[[str]
     def share(hits: list[Hit]) -> float:
         return sum(matches_taste(truth[h.path]) for h in hits) / len(hits)
 
-    result = DemoResult(before, after, share(before), share(after), len(asked),
-                        home / DEMO_COLLECTION / "contact_sheet.png")
+    result = DemoResult(
+        before, after, share(before), share(after), len(asked), home / DEMO_COLLECTION / "contact_sheet.png"
+    )
     echo(f'\nSearch "{config.query}" before any preference:')
     echo(_table(before, truth))
     echo(f"\n{DEMO_USER} (hidden taste: {user.describe()}) answered {len(asked)} pairwise questions.")
     echo(f'\nSearch "{config.query}" for {DEMO_USER} after adaptation:')
     echo(_table(after, truth))
-    echo(f"\nShare of the top {config.k} matching the taste (outlined shapes): "
-         f"before {result.share_before:.0%}, after {result.share_after:.0%}")
-    contact_sheet(before, after, truth, result.contact_sheet,
-                  title=(f'"{config.query}": top {config.k} before and after {DEMO_USER} answered {len(asked)} questions',
-                         f"{DEMO_USER}'s hidden taste: outlined shapes over filled ones, sharp images over "
-                         f"blurred or noisy ones ({user.describe()})"))
+    echo(
+        f"\nShare of the top {config.k} matching the taste (outlined shapes): "
+        f"before {result.share_before:.0%}, after {result.share_after:.0%}"
+    )
+    contact_sheet(
+        before,
+        after,
+        truth,
+        result.contact_sheet,
+        title=(
+            f'"{config.query}": top {config.k} before and after {DEMO_USER} answered {len(asked)} questions',
+            f"{DEMO_USER}'s hidden taste: outlined shapes over filled ones, sharp images over "
+            f"blurred or noisy ones ({user.describe()})",
+        ),
+    )
     echo(f"Contact sheet: {result.contact_sheet}")
     echo(f'Next: {clipbt_command(home, db)} search "a blue star" --collection {DEMO_COLLECTION} --user {DEMO_USER}')
     return result
@@ -148,8 +163,15 @@ def _duels(engine, store, plain: list[Hit], config: DemoConfig, prefers, rng: np
     query = engine.encode([config.query])[0]
     asked, preferred, rejected = [], [], []
     for _ in range(min(config.questions, len(ids) * (len(ids) - 1) // 2)):
-        a, b = choose_duel(ids, embeddings, query, np.array(preferred) if preferred else None,
-                           np.array(rejected) if rejected else None, asked, rng=rng)
+        a, b = choose_duel(
+            ids,
+            embeddings,
+            query,
+            np.array(preferred) if preferred else None,
+            np.array(rejected) if rejected else None,
+            asked,
+            rng=rng,
+        )
         asked.append((a, b))
         win, lose = (a, b) if prefers(by_id[a], by_id[b]) else (b, a)
         engine.prefer(DEMO_USER, config.query, win, lose)
@@ -180,13 +202,21 @@ def taste_frame(attrs: Attributes) -> str:
     return "orange" if attrs.quality in ("blur", "noise") else "green"
 
 
-_LEGEND = (("green", "outlined and sharp: the whole taste"),
-           ("orange", "outlined but blurred or noisy: part of it"),
-           ("red", "filled: disliked"))
+_LEGEND = (
+    ("green", "outlined and sharp: the whole taste"),
+    ("orange", "outlined but blurred or noisy: part of it"),
+    ("red", "filled: disliked"),
+)
 
 
-def contact_sheet(before: list[Hit], after: list[Hit], truth: dict[str, Attributes], out: Path,
-                  thumb: int = 96, title: Sequence[str] = ()) -> Path:
+def contact_sheet(
+    before: list[Hit],
+    after: list[Hit],
+    truth: dict[str, Attributes],
+    out: Path,
+    thumb: int = 96,
+    title: Sequence[str] = (),
+) -> Path:
     """A PNG that reads on its own: `title` lines, the `before` results on the top row and `after`
     below (labelled), each framed by `taste_frame`, and a legend of the frames."""
     from PIL import ImageFont

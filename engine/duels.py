@@ -25,7 +25,9 @@ class DuelConfig:
 
     top: int = 10  # random_top, least_sure, max_variance and information choose among the m best candidates
     samples: int = 20  # thompson: posterior draws tried for a second, different image before settling on the runner-up
-    posterior: MapConfig = MapConfig()  # the MAP posterior (prior centred on the query) that scores and variances come from
+    posterior: MapConfig = (
+        MapConfig()
+    )  # the MAP posterior (prior centred on the query) that scores and variances come from
 
     def __post_init__(self):
         if self.top < 2 or self.samples < 1:
@@ -59,13 +61,21 @@ def posterior(embeddings, query, preferred=None, rejected=None, config: MapConfi
     if pairs is not None:
         d64 = pairs.diffs.astype(np.float64)
         hessian += (d64.T * fit.curvature[0]) @ d64
-    cov = config.beta ** 2 * y @ np.linalg.solve(hessian, y.T)
+    cov = config.beta**2 * y @ np.linalg.solve(hessian, y.T)
     return Posterior(config.beta * (y @ fit.queries[0].astype(np.float64)), cov)
 
 
-def choose_duel(ids, embeddings, query, preferred=None, rejected=None, asked: Iterable[tuple] = (),
-                strategy: str = DEFAULT_STRATEGY, rng: np.random.Generator | None = None,
-                config: DuelConfig = DuelConfig()) -> tuple:
+def choose_duel(
+    ids,
+    embeddings,
+    query,
+    preferred=None,
+    rejected=None,
+    asked: Iterable[tuple] = (),
+    strategy: str = DEFAULT_STRATEGY,
+    rng: np.random.Generator | None = None,
+    config: DuelConfig = DuelConfig(),
+) -> tuple:
     """The pair (id_a, id_b) of candidates to ask the user about next.
 
     ids: (n,) candidate image ids (e.g. the plain search's top 40); embeddings: (n, d) their unit image
@@ -85,8 +95,10 @@ def choose_duel(ids, embeddings, query, preferred=None, rejected=None, asked: It
     ids = list(ids)
     y = np.asarray(embeddings)
     if len(ids) < 2 or y.shape[0] != len(ids):
-        raise DuelInputError(f"need at least two candidates with one embedding each, got {len(ids)} ids and "
-                             f"{y.shape[0] if y.ndim else 0} embeddings")
+        raise DuelInputError(
+            f"need at least two candidates with one embedding each, got {len(ids)} ids and "
+            f"{y.shape[0] if y.ndim else 0} embeddings"
+        )
     rng = rng if rng is not None else np.random.default_rng(0)
     done = {frozenset((a, b)) for a, b in asked}
     post = posterior(y, query, preferred, rejected, config.posterior)
@@ -100,8 +112,12 @@ def choose_duel(ids, embeddings, query, preferred=None, rejected=None, asked: It
 
 
 def _open_pairs(members: np.ndarray, ids: list, done: set) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for k, a in enumerate(members) for b in members[k + 1:]
-            if frozenset((ids[a], ids[b])) not in done]
+    return [
+        (int(a), int(b))
+        for k, a in enumerate(members)
+        for b in members[k + 1 :]
+        if frozenset((ids[a], ids[b])) not in done
+    ]
 
 
 def _pick(strategy, pairs, order, post: Posterior, ids, done, rng, config: DuelConfig) -> tuple[int, int]:

@@ -24,22 +24,30 @@ def _image_ids(store: Store, collection: str | int | Collection, refs: Iterable[
     return [store.find_image(collection, ref).id for ref in refs]
 
 
-def record_pair(store: Store, collection: str | int | Collection, user: str, query: str,
-                preferred: int | str, rejected: int | str) -> int:
+def record_pair(
+    store: Store, collection: str | int | Collection, user: str, query: str, preferred: int | str, rejected: int | str
+) -> int:
     """Record that `user` preferred one image over another for `query` (user created if new); returns its id."""
     preferred_id, rejected_id = _image_ids(store, collection, [preferred, rejected])
     return store.add_pair(user, query, preferred_id, rejected_id)
 
 
-def record_ranking(store: Store, collection: str | int | Collection, user: str, query: str,
-                   images: Sequence[int | str]) -> int:
+def record_ranking(
+    store: Store, collection: str | int | Collection, user: str, query: str, images: Sequence[int | str]
+) -> int:
     """Record `user`'s full ranking of images for `query`, best first; returns its id."""
     check_preference_size("ranking", len(images))
     return store.add_ranking(user, query, _image_ids(store, collection, images))
 
 
-def record_feedback(store: Store, collection: str | int | Collection, user: str, query: str,
-                    good: Sequence[int | str], bad: Sequence[int | str]) -> int:
+def record_feedback(
+    store: Store,
+    collection: str | int | Collection,
+    user: str,
+    query: str,
+    good: Sequence[int | str],
+    bad: Sequence[int | str],
+) -> int:
     """Record thumbs up (`good`) and down (`bad`) for `query`, every good over every bad; returns its id."""
     check_preference_size("feedback", len(good), len(bad))
     return store.add_feedback(user, query, _image_ids(store, collection, good), _image_ids(store, collection, bad))
@@ -67,25 +75,60 @@ def export_preferences(store: Store, user: str | None = None, collection: str | 
         records = []
         for p in store.pairs(name):
             if p.id is not None:
-                records.append((p.created, {
-                    "kind": "pair", "user": name, "collection": names[p.collection_id], "query": p.query,
-                    "preferred": uri(p.collection_id, p.preferred_id), "rejected": uri(p.collection_id, p.rejected_id),
-                    "weight": p.weight, "source": p.source, "created": p.created.isoformat()}))
+                records.append(
+                    (
+                        p.created,
+                        {
+                            "kind": "pair",
+                            "user": name,
+                            "collection": names[p.collection_id],
+                            "query": p.query,
+                            "preferred": uri(p.collection_id, p.preferred_id),
+                            "rejected": uri(p.collection_id, p.rejected_id),
+                            "weight": p.weight,
+                            "source": p.source,
+                            "created": p.created.isoformat(),
+                        },
+                    )
+                )
         for r in store.rankings(name):
-            records.append((r.created, {
-                "kind": "ranking", "user": name, "collection": names[r.collection_id], "query": r.query,
-                "images": [uri(r.collection_id, i) for i in r.image_ids], "source": r.source,
-                "created": r.created.isoformat()}))
+            records.append(
+                (
+                    r.created,
+                    {
+                        "kind": "ranking",
+                        "user": name,
+                        "collection": names[r.collection_id],
+                        "query": r.query,
+                        "images": [uri(r.collection_id, i) for i in r.image_ids],
+                        "source": r.source,
+                        "created": r.created.isoformat(),
+                    },
+                )
+            )
         for f in store.feedback(name):
-            records.append((f.created, {
-                "kind": "feedback", "user": name, "collection": names[f.collection_id], "query": f.query,
-                "good": [uri(f.collection_id, i) for i in f.good_ids], "bad": [uri(f.collection_id, i) for i in f.bad_ids],
-                "source": f.source, "created": f.created.isoformat()}))
+            records.append(
+                (
+                    f.created,
+                    {
+                        "kind": "feedback",
+                        "user": name,
+                        "collection": names[f.collection_id],
+                        "query": f.query,
+                        "good": [uri(f.collection_id, i) for i in f.good_ids],
+                        "bad": [uri(f.collection_id, i) for i in f.bad_ids],
+                        "source": f.source,
+                        "created": f.created.isoformat(),
+                    },
+                )
+            )
         records = [r for r in records if only is None or r[1]["collection"] == names[only]]
         yield from (record for _, record in sorted(records, key=lambda r: r[0]))
 
 
-def import_preferences(store: Store, lines: Iterable[str | bytes], collection: str | None = None) -> dict[str, dict[str, int]]:
+def import_preferences(
+    store: Store, lines: Iterable[str | bytes], collection: str | None = None
+) -> dict[str, dict[str, int]]:
     """Add the records of `export_preferences` (one JSON object per line, UTF-8; blank lines
     skipped), all or nothing.
 
@@ -118,8 +161,9 @@ def import_preferences(store: Store, lines: Iterable[str | bytes], collection: s
 _FIELDS = {"pair": ("preferred", "rejected"), "ranking": ("images",), "feedback": ("good", "bad")}
 
 
-def _parse_record(store: Store, collections: dict, line: str | bytes,
-                  target: str | None = None) -> PreferenceRecord | None:
+def _parse_record(
+    store: Store, collections: dict, line: str | bytes, target: str | None = None
+) -> PreferenceRecord | None:
     """One line as a PreferenceRecord (None for a blank line); PreferenceRecordError or another
     ClipbtError saying what is wrong with it."""
     if isinstance(line, bytes):
@@ -214,4 +258,5 @@ def _check_items(kind: str, items: tuple[tuple[int, int], ...]) -> None:
 
 def _json_type(value) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )

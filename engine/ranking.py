@@ -38,8 +38,9 @@ class CandidateRanking:
     p_next: np.ndarray  # float64 P(order[r] beats order[r + 1]) (eq. 2); NaN for the last
 
 
-def fit_strengths(prior_mean, winners, losers, weights=None, prior_precision: float = 1.0,
-                  steps: int = 3) -> np.ndarray:
+def fit_strengths(
+    prior_mean, winners, losers, weights=None, prior_precision: float = 1.0, steps: int = 3
+) -> np.ndarray:
     """MAP Bradley-Terry strengths under a Gaussian prior, by Newton's method:
 
         theta = argmax sum_k w_k log sigmoid(theta[winners_k] - theta[losers_k])
@@ -59,7 +60,7 @@ def fit_strengths(prior_mean, winners, losers, weights=None, prior_precision: fl
     if len(win) == 0 or steps == 0:
         return theta
     items, local = np.unique(np.concatenate([win, lose]), return_inverse=True)
-    lw, ll = local[: len(win)], local[len(win):]
+    lw, ll = local[: len(win)], local[len(win) :]
     m = len(items)
     sub = theta[items]
     rows = np.arange(len(win))
@@ -75,8 +76,9 @@ def fit_strengths(prior_mean, winners, losers, weights=None, prior_precision: fl
     return theta
 
 
-def rank_candidates(similarity, beta: float = 1.0, winners=(), losers=(), weights=None,
-                    config: RankConfig = RankConfig()) -> CandidateRanking:
+def rank_candidates(
+    similarity, beta: float = 1.0, winners=(), losers=(), weights=None, config: RankConfig = RankConfig()
+) -> CandidateRanking:
     """Rank n candidates by BT strength: beta * s(x', y) (eqs. 1-2) adjusted by the user's direct
     comparisons among them (`fit_strengths` with the prior centred on beta * s).
 

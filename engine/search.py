@@ -29,8 +29,12 @@ class SearchInputError(ClipbtError, ValueError):
 class SearchConfig:
     """How a query is personalised, how deep FAISS is searched, and what is cached."""
 
-    method: str = "map"  # "map": posterior mode under a prior centred on the query (`map`); "bt": the paper's steps (`adapt`)
-    adapt: AdaptConfig = AdaptConfig()  # BT adaptation (eqs. 3-4) of method "bt"; its beta then scales ranking strengths
+    method: str = (
+        "map"  # "map": posterior mode under a prior centred on the query (`map`); "bt": the paper's steps (`adapt`)
+    )
+    adapt: AdaptConfig = (
+        AdaptConfig()
+    )  # BT adaptation (eqs. 3-4) of method "bt"; its beta then scales ranking strengths
     map: MapConfig = MapConfig()  # MAP adaptation of method "map"; its beta then scales ranking strengths
     rank: RankConfig = RankConfig()  # how direct comparisons among candidates move them
     scope: str = "query-kernel"  # which pairs count: kernel-weighted by query similarity, or "all" equally
@@ -88,8 +92,14 @@ class Hit:
     p_next: float | None  # P(this image beats the next one) (eq. 2); None for the last
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score,
-                "similarity": self.similarity, "p_next": self.p_next}
+        return {
+            "rank": self.rank,
+            "id": self.id,
+            "path": self.path,
+            "score": self.score,
+            "similarity": self.similarity,
+            "p_next": self.p_next,
+        }
 
 
 def candidate_count(k: int, config: SearchConfig) -> int:
@@ -97,8 +107,9 @@ def candidate_count(k: int, config: SearchConfig) -> int:
     return max(config.oversample * k, k + config.min_extra)
 
 
-def pair_weights(query: np.ndarray, texts: np.ndarray, text_of_pair: np.ndarray, base: np.ndarray,
-                 scope: str, bandwidth: float) -> np.ndarray:
+def pair_weights(
+    query: np.ndarray, texts: np.ndarray, text_of_pair: np.ndarray, base: np.ndarray, scope: str, bandwidth: float
+) -> np.ndarray:
     """Weight of each of a user's pairs for one query.
 
     query: (d,) query embedding; texts: (T, d) unit embeddings of the distinct texts the pairs were
@@ -187,8 +198,9 @@ class Engine:
     collection's images have changed (by one thread, while the others wait for it).
     """
 
-    def __init__(self, store: Store, collection: Collection, encoder=None, index=None,
-                 config: SearchConfig = SearchConfig()):
+    def __init__(
+        self, store: Store, collection: Collection, encoder=None, index=None, config: SearchConfig = SearchConfig()
+    ):
         self.store = store
         self.collection = collection
         self.config = config
@@ -206,8 +218,9 @@ class Engine:
         self.index_updates = 0  # how many times the loaded index was caught up with added or deleted images
 
     @classmethod
-    def open(cls, store: Store, collection: str = "default", config: SearchConfig = SearchConfig(),
-             encoder=None) -> "Engine":
+    def open(
+        cls, store: Store, collection: str = "default", config: SearchConfig = SearchConfig(), encoder=None
+    ) -> "Engine":
         """The engine of a stored collection; EmptyCollectionError when the store has none yet."""
         check_has_collection(store)
         return cls(store, store.collection(collection), encoder=encoder, config=config)
@@ -303,10 +316,15 @@ class Engine:
         if base is not None and base.records + records != stored:
             base = None
             pairs = self.store.pairs(user, self.collection.id)
-            records = len({p.id for p in pairs if p.id is not None}) + len({p.ranking_id for p in pairs if p.ranking_id})
+            records = len({p.id for p in pairs if p.id is not None}) + len(
+                {p.ranking_id for p in pairs if p.ranking_id}
+            )
         ids = sorted({i for p in pairs for i in (p.preferred_id, p.rejected_id)})
-        found, vectors = self.store.embeddings(self.collection.id, ids, include_deleted=True) if ids else (
-            np.zeros(0, np.int64), np.zeros((0, self.collection.dim), np.float32))
+        found, vectors = (
+            self.store.embeddings(self.collection.id, ids, include_deleted=True)
+            if ids
+            else (np.zeros(0, np.int64), np.zeros((0, self.collection.dim), np.float32))
+        )
         row = {int(i): j for j, i in enumerate(found)}
         texts = tuple(dict.fromkeys([*(base.texts if base is not None else ()), *(p.query for p in pairs)]))
         text_index = {text: j for j, text in enumerate(texts)}
@@ -319,12 +337,20 @@ class Engine:
             weight=np.array([p.weight for p in pairs], dtype=np.float64),
             texts=texts,
             text_of_pair=np.array([text_index[p.query] for p in pairs], dtype=np.int64),
-            pair_set=PairSet.of(vectors[[row[i] for i in preferred.tolist()]], vectors[[row[i] for i in rejected.tolist()]]),
-            last=(max([p.id for p in pairs if p.id is not None], default=0),
-                  max([p.ranking_id for p in pairs if p.ranking_id is not None], default=0)),
+            pair_set=PairSet.of(
+                vectors[[row[i] for i in preferred.tolist()]], vectors[[row[i] for i in rejected.tolist()]]
+            ),
+            last=(
+                max([p.id for p in pairs if p.id is not None], default=0),
+                max([p.ranking_id for p in pairs if p.ranking_id is not None], default=0),
+            ),
             records=(base.records if base is not None else 0) + records,
         )
-        data = _append_pairs(base, new, LIMITS.user_max_pairs) if base is not None else _keep_recent(new, LIMITS.user_max_pairs)
+        data = (
+            _append_pairs(base, new, LIMITS.user_max_pairs)
+            if base is not None
+            else _keep_recent(new, LIMITS.user_max_pairs)
+        )
         self._pairs.put(user, data)
         return data
 
@@ -364,21 +390,44 @@ class Engine:
                 adapted[i], weights = hit
                 context[i] = (pairs, weights)
                 continue
-            weights = pairs.weight if config.scope == "all" else pair_weights(
-                queries[i], self._pair_text_vectors(r.user, pairs), pairs.text_of_pair, pairs.weight,
-                config.scope, config.bandwidth)
+            weights = (
+                pairs.weight
+                if config.scope == "all"
+                else pair_weights(
+                    queries[i],
+                    self._pair_text_vectors(r.user, pairs),
+                    pairs.text_of_pair,
+                    pairs.weight,
+                    config.scope,
+                    config.bandwidth,
+                )
+            )
             context[i] = (pairs, weights)
             todo.append(i)
             keys.append(key)
         if todo and config.method == "map":
             m = config.map
-            adapted[todo] = map_adapt_many(queries[todo], [context[i][0].pair_set for i in todo],
-                                           [context[i][1] for i in todo], m.prior_precision, m.beta, m.steps, m.tol)
+            adapted[todo] = map_adapt_many(
+                queries[todo],
+                [context[i][0].pair_set for i in todo],
+                [context[i][1] for i in todo],
+                m.prior_precision,
+                m.beta,
+                m.steps,
+                m.tol,
+            )
         elif todo:
             a = config.adapt
-            adapted[todo] = adapt_many(queries[todo], [context[i][0].pair_set for i in todo],
-                                       [effective_weights(context[i][1]) for i in todo],
-                                       a.lr, a.steps, a.beta, a.normalize, device=config.device)
+            adapted[todo] = adapt_many(
+                queries[todo],
+                [context[i][0].pair_set for i in todo],
+                [effective_weights(context[i][1]) for i in todo],
+                a.lr,
+                a.steps,
+                a.beta,
+                a.normalize,
+                device=config.device,
+            )
         for i, key in zip(todo, keys):
             self._adapted.put(key, (adapted[i].copy(), context[i][1]))
         return adapted, context
@@ -407,8 +456,9 @@ class Engine:
         self.forget(user)
         return record
 
-    def compare(self, user: str | None, query: str, a: int | str, b: int | str,
-                config: SearchConfig | None = None) -> float:
+    def compare(
+        self, user: str | None, query: str, a: int | str, b: int | str, config: SearchConfig | None = None
+    ) -> float:
         """P(a beats b) for `user` and `query`: the reward-model use of the paper (section 3.1).
 
         Strengths are beta * s(x', y) with the user's adapted query (eq. 2), moved by the user's
@@ -435,8 +485,14 @@ class Engine:
 
     # -- search ------------------------------------------------------------------------------
 
-    def search(self, query: str | None = None, user: str | None = None, k: int = 10, vector=None,
-               config: SearchConfig | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: str | None = None,
+        user: str | None = None,
+        k: int = 10,
+        vector=None,
+        config: SearchConfig | None = None,
+    ) -> list[Hit]:
         """The k best images for one query, personalised for `user` (see `search_many`)."""
         return self.search_many([SearchRequest(query, user, k, vector)], config)[0]
 
@@ -517,8 +573,12 @@ def _keep_recent(pairs: _UserPairs, cap: int) -> _UserPairs:
     used, text_of_pair = np.unique(pairs.text_of_pair[keep], return_inverse=True)
     gram = pairs.pair_set.gram
     return dataclasses.replace(
-        pairs, preferred=pairs.preferred[keep], rejected=pairs.rejected[keep], weight=pairs.weight[keep],
-        texts=tuple(pairs.texts[j] for j in used.tolist()), text_of_pair=text_of_pair.astype(np.int64),
+        pairs,
+        preferred=pairs.preferred[keep],
+        rejected=pairs.rejected[keep],
+        weight=pairs.weight[keep],
+        texts=tuple(pairs.texts[j] for j in used.tolist()),
+        text_of_pair=text_of_pair.astype(np.int64),
         pair_set=PairSet(pairs.pair_set.diffs[keep], None if gram is None else gram[keep, keep]),
     )
 
@@ -610,6 +670,10 @@ def _load_encoder(collection: Collection):
         encoder = Encoder.load(collection.model, path)  # a changed file fails the identity check below
     else:
         encoder = Encoder.load(collection.model, collection.pretrained)
-    collection.check_model(encoder.model_name, encoder.pretrained, encoder.dim,
-                           "the model found is another one: it cannot search this collection")
+    collection.check_model(
+        encoder.model_name,
+        encoder.pretrained,
+        encoder.dim,
+        "the model found is another one: it cannot search this collection",
+    )
     return encoder

@@ -71,8 +71,14 @@ def shards(directory: str | os.PathLike) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def import_embeddings(store: Store, directory: str | os.PathLike, collection: str = "default",
-                      model: str | None = None, pretrained: str | None = None, batch_rows: int = 4096) -> ImportReport:
+def import_embeddings(
+    store: Store,
+    directory: str | os.PathLike,
+    collection: str = "default",
+    model: str | None = None,
+    pretrained: str | None = None,
+    batch_rows: int = 4096,
+) -> ImportReport:
     """Add the rows of a clip-retrieval folder to `collection`, made by `model`/`pretrained`
     (see indexer.encoder.model_identity; None: the shipped default model).
 
@@ -122,7 +128,7 @@ def import_embeddings(store: Store, directory: str | os.PathLike, collection: st
     offset = 0
     for emb_path, vectors, table, uri_column in tables:
         for start in range(0, len(vectors), batch_rows):
-            block = np.asarray(vectors[start:start + batch_rows], dtype=np.float32)
+            block = np.asarray(vectors[start : start + batch_rows], dtype=np.float32)
             rows = table.slice(start, len(block)).to_pylist()
             records, keep = [], []
             for i, (vector, row) in enumerate(zip(block, rows, strict=True)):
@@ -177,9 +183,14 @@ def _read_parquet(path: Path) -> pa.Table:
     except (OSError, pa.ArrowException) as exc:
         raise EmbeddingsFormatError(f"{path} is not a readable parquet file: {exc}") from None
     usable = [
-        name for name, kind in zip(table.column_names, table.schema.types)
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
-        or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)
+        name
+        for name, kind in zip(table.column_names, table.schema.types)
+        if pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_null(kind)
     ]
     return table.select(usable)
 
@@ -242,15 +253,24 @@ def export_embeddings(store: Store, collection: str, directory: str | os.PathLik
     if [image.id for image in images] != ids.tolist():
         raise EmbeddingsFormatError(f"collection {collection!r} changed while exporting: run the export again")
     for number, start in enumerate(range(0, max(len(images), 1), shard_size)):
-        part = images[start:start + shard_size]
-        np.save(root / "img_emb" / f"img_emb_{number}.npy", vectors[start:start + shard_size])
+        part = images[start : start + shard_size]
+        np.save(root / "img_emb" / f"img_emb_{number}.npy", vectors[start : start + shard_size])
         rows = [
-            {URI_COLUMNS[0]: im.uri, "caption": im.caption, "sha256": im.sha256, "width": im.width,
-             "height": im.height, **(im.metadata or {})}
+            {
+                URI_COLUMNS[0]: im.uri,
+                "caption": im.caption,
+                "sha256": im.sha256,
+                "width": im.width,
+                "height": im.height,
+                **(im.metadata or {}),
+            }
             for im in part
         ]
         columns = list(dict.fromkeys(key for row in rows for key in row)) or [URI_COLUMNS[0], *_KNOWN_COLUMNS]
-        table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]) if rows else \
-            pa.table({c: pa.array([], pa.string()) for c in columns})
+        table = (
+            pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+            if rows
+            else pa.table({c: pa.array([], pa.string()) for c in columns})
+        )
         pq.write_table(table, root / "metadata" / f"metadata_{number}.parquet")
     return len(images)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 # What `clipbt index` embeds with when no --model is given: a general CLIP (ViT-B/32 trained on
 # LAION-2B; 66.6% zero-shot ImageNet top-1 in open_clip's table), fetched once from the Hugging Face hub.
 GENERAL_MODEL = ("ViT-B-32", "laion2b_s34b_b79k")
-SHIPPED_MODEL = "clipbt-tiny"  # the shipped model's name (indexer.default_model.DEFAULT_MODEL_NAME); offline, world only
+SHIPPED_MODEL = (
+    "clipbt-tiny"  # the shipped model's name (indexer.default_model.DEFAULT_MODEL_NAME); offline, world only
+)
 RANDOM = "random"  # `pretrained` value for seeded random weights: for tests and speed benchmarks only
 BUNDLED = "bundled"  # recorded `pretrained` of hf-hub:/local-dir: models, whose name fixes the weights
 _SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that carry their own weights
@@ -87,7 +89,9 @@ def model_identity(model: str | None, pretrained: str | None) -> tuple[str, str]
             f"or use hf-hub:ORG/REPO, local-dir:PATH, or {SHIPPED_MODEL} for the shipped model"
         )
     if pretrained is None:
-        raise ModelUnavailableError(f"model {model!r} needs pretrained weights. {_options(model)}; or {RANDOM!r} (untrained)")
+        raise ModelUnavailableError(
+            f"model {model!r} needs pretrained weights. {_options(model)}; or {RANDOM!r} (untrained)"
+        )
     if pretrained == RANDOM:
         return model, RANDOM
     if os.path.isfile(pretrained):
@@ -118,8 +122,16 @@ def _auto_device(device: str | torch.device | None) -> torch.device:
 class Encoder:
     """A loaded CLIP model: l2-normalised float32 embeddings of texts and preprocessed image batches."""
 
-    def __init__(self, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
-                 model_name: str, pretrained: str, device: torch.device, checkpoint_path: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable,
+        tokenizer: Callable,
+        model_name: str,
+        pretrained: str,
+        device: torch.device,
+        checkpoint_path: str | None = None,
+    ):
         self.model_name = model_name  # as open_clip spells it, or the default model's name
         self.pretrained = pretrained  # tag, "sha256:<hex>" of a checkpoint file, "random" or "bundled"
         self.checkpoint_path = checkpoint_path  # absolute path of the checkpoint file it was loaded from, if any
@@ -133,8 +145,9 @@ class Encoder:
         self.dim = int(self.encode_text([""]).shape[1])
 
     @classmethod
-    def load(cls, model: str | None = None, pretrained: str | None = None,
-             device: str | torch.device | None = None) -> "Encoder":
+    def load(
+        cls, model: str | None = None, pretrained: str | None = None, device: str | torch.device | None = None
+    ) -> Encoder:
         """Load `model` with `pretrained` weights (see `model_identity`) on `device` (default: CUDA in
         float16 when present, else CPU in float32). Raises ModelUnavailableError, never a download traceback.
 
@@ -160,7 +173,7 @@ class Encoder:
             if reason is not None:
                 raise ModelUnavailableError(hub.offline_message(weights, reason))
         try:
-            with torch.random.fork_rng(devices=[]), (hub.offline() if from_cache else nullcontext()):
+            with torch.random.fork_rng(devices=[]), hub.offline() if from_cache else nullcontext():
                 torch.manual_seed(0)  # makes "random" weights one fixed model, so its identity means something
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model,

@@ -86,7 +86,7 @@ def offline_message(weights: HubWeights, reason: str) -> str:
     return (
         f"cannot load weights for model {weights.model!r} pretrained {weights.tag!r}: they are not in the "
         f"local cache ({cache_folder()}) and the hub cannot be used: {reason}. On a machine with network, "
-        f"fetch them with `python -c \"import open_clip; open_clip.create_model_and_transforms("
+        f'fetch them with `python -c "import open_clip; open_clip.create_model_and_transforms('
         f"'{weights.model}', pretrained='{weights.tag}')\"` (repository {weights.repo_id}) and copy that "
         "cache folder here (or point HF_HUB_CACHE at it); HF_HUB_OFFLINE=1 makes clipbt use the cache "
         "without trying the network. Offline right now: --pretrained PATH to a checkpoint file you have, or "

@@ -94,7 +94,9 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> tuple[Image.Image, int, int]:
+def decode(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> tuple[Image.Image, int, int]:
     """Decode image bytes to (RGB image, width, height), EXIF orientation applied.
 
     width and height are the full image's, upright. `min_side` lets a JPEG decode at a reduced

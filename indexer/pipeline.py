@@ -24,9 +24,8 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from indexer.encoder import Encoder
-from indexer.vectors.collection import refresh
-from indexer.vectors.collection import check_index_type
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
+from indexer.vectors.collection import check_index_type, refresh
 from storage import Collection, ImageRecord, Store
 from storage.limits import LIMITS, check_count
 
@@ -94,8 +93,9 @@ class _Files(torch.utils.data.Dataset):
         return load_file(path, self.known.get(path), self.preprocess, self.min_side, self.max_pixels)
 
 
-def load_file(path: str, known_sha256: str | None, preprocess, min_side: int,
-              max_pixels: int) -> tuple[FileItem, torch.Tensor | None]:
+def load_file(
+    path: str, known_sha256: str | None, preprocess, min_side: int, max_pixels: int
+) -> tuple[FileItem, torch.Tensor | None]:
     """Read and hash one file; unless its hash is `known_sha256`, decode and preprocess it.
 
     Returns (item, pixels (3, H, W)); pixels is None when the file is unchanged or skipped.
@@ -116,8 +116,14 @@ def _collate(batch: list[tuple[FileItem, torch.Tensor | None]]) -> tuple[list[Fi
     return [item for item, _ in batch], torch.stack(pixels) if pixels else None
 
 
-def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: str = "default",
-                encoder: Encoder | None = None, options: IndexOptions | None = None, **overrides) -> IndexReport:
+def index_paths(
+    store: Store,
+    paths: Sequence[str | os.PathLike],
+    collection: str = "default",
+    encoder: Encoder | None = None,
+    options: IndexOptions | None = None,
+    **overrides,
+) -> IndexReport:
     """Index the image files under `paths` into `collection` and save its vector index.
 
     encoder: default `Encoder.load()` (the shipped model). options: IndexOptions, any field of
@@ -159,7 +165,11 @@ def index_paths(store: Store, paths: Sequence[str | os.PathLike], collection: st
                 bar.update(len(items) - len(fresh))
                 if fresh:
                     with clock("encode"):
-                        vectors = pace.encode(encoder, pixels, bar.update) if options.progress else encoder.encode_images(pixels)
+                        vectors = (
+                            pace.encode(encoder, pixels, bar.update)
+                            if options.progress
+                            else encoder.encode_images(pixels)
+                        )
                     with clock("commit"):
                         records = [ImageRecord(item.path, item.sha256, item.width, item.height) for item in fresh]
                         added += commit(store, coll, live, records, vectors)
@@ -175,8 +185,9 @@ def open_collection(store: Store, name: str, encoder: Encoder, index_type: str) 
     """The collection `name` for `encoder`'s embeddings, created if missing (CollectionMismatchError
     if it holds another model's); IndexTypeError for an index type that cannot hold them."""
     check_index_type(index_type, encoder.dim)
-    return store.get_or_create_collection(name, encoder.model_name, encoder.pretrained, encoder.dim,
-                                          checkpoint_path=encoder.checkpoint_path)
+    return store.get_or_create_collection(
+        name, encoder.model_name, encoder.pretrained, encoder.dim, checkpoint_path=encoder.checkpoint_path
+    )
 
 
 def indexing_lock(store: Store, coll: Collection) -> FileLock:
@@ -194,8 +205,9 @@ def live_images(store: Store, coll: Collection) -> tuple[dict[str, int], dict[st
     return {image.uri: image.id for image in images}, {image.uri: image.sha256 for image in images}
 
 
-def commit(store: Store, coll: Collection, live: dict[str, int], records: list[ImageRecord],
-           vectors: np.ndarray) -> list[int]:
+def commit(
+    store: Store, coll: Collection, live: dict[str, int], records: list[ImageRecord], vectors: np.ndarray
+) -> list[int]:
     """Add `records` with their embeddings (n, dim) in one transaction, first marking deleted the
     live image each replaces (same uri); `live` is updated. Returns the new ids in order."""
     replaced = [live[record.uri] for record in records if record.uri in live]
@@ -206,8 +218,15 @@ def commit(store: Store, coll: Collection, live: dict[str, int], records: list[I
     return ids
 
 
-def finish(store: Store, coll: Collection, paths, files: list[str], added: list[int], options: IndexOptions,
-           report: IndexReport) -> None:
+def finish(
+    store: Store,
+    coll: Collection,
+    paths,
+    files: list[str],
+    added: list[int],
+    options: IndexOptions,
+    report: IndexReport,
+) -> None:
     """After the last batch: remove missing files (when asked), bring the FAISS index up to date, sort the skips."""
     clock = functools.partial(timed, report.seconds)
     if options.remove_missing:
@@ -226,8 +245,11 @@ def _remove_missing(store: Store, coll: Collection, paths, present: set[str], sk
     def under(uri: str, folders: list[str]) -> bool:
         return any(uri == f or uri.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
 
-    gone = [image.id for image in store.images(coll.id)
-            if image.uri not in present and under(image.uri, roots) and not under(image.uri, unreadable)]
+    gone = [
+        image.id
+        for image in store.images(coll.id)
+        if image.uri not in present and under(image.uri, roots) and not under(image.uri, unreadable)
+    ]
     return store.mark_deleted(gone) if gone else 0
 
 
@@ -243,8 +265,12 @@ class _Pace:
         """`encoder.encode_images(pixels)` slice by slice, calling done(n) after each slice of n images."""
         parts, start = [], 0
         while start < len(pixels):
-            size = self.first if self.seconds_per_image is None else int(PROGRESS_EVERY_S / max(self.seconds_per_image, 1e-9))
-            part = pixels[start:start + max(1, size)]
+            size = (
+                self.first
+                if self.seconds_per_image is None
+                else int(PROGRESS_EVERY_S / max(self.seconds_per_image, 1e-9))
+            )
+            part = pixels[start : start + max(1, size)]
             began = time.perf_counter()
             parts.append(encoder.encode_images(part))
             self.seconds_per_image = (time.perf_counter() - began) / len(part)

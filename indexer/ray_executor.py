@@ -55,9 +55,13 @@ class RayOptions:
     """Where and how wide `index_paths_ray` runs."""
 
     address: str | None = None  # a running cluster ("ray://HEAD:10001" or "HEAD:6379"); None: a local Ray for the run
-    workers: int | None = None  # encoder actors; None: one per gpus_per_worker GPUs, else the cluster's CPUs - 1 (min 1)
+    workers: int | None = (
+        None  # encoder actors; None: one per gpus_per_worker GPUs, else the cluster's CPUs - 1 (min 1)
+    )
     gpus_per_worker: float = 0.0  # GPUs per encoder actor (a fraction shares a GPU); 0 encodes on CPUs
-    cpus_per_worker: float = 0.5  # CPUs an encoder actor reserves, at most: fractional, so decode tasks always get a core
+    cpus_per_worker: float = (
+        0.5  # CPUs an encoder actor reserves, at most: fractional, so decode tasks always get a core
+    )
     device: str | None = None  # the actors' encoder device; None: "cuda" with gpus_per_worker, else "cpu"
     staging: str | None = None  # folder for shards awaiting commit; None: <data home>/staging
     num_cpus: int | None = None  # CPUs of the local Ray started when there is no address; None: all of this machine's
@@ -105,8 +109,9 @@ def plan_resources(cpus: float, gpus: float, options: RayOptions) -> ResourcePla
         if workers < 1 or workers > fits:
             raise RayClusterError(
                 f"{workers or 1} workers x {per_gpu:g} GPUs need {(workers or 1) * per_gpu:g} GPUs; the cluster has "
-                f"{gpus:g}: use --workers {fits} or fewer" if fits else
-                f"--gpus-per-worker {per_gpu:g} but the cluster has {gpus:g} GPUs: use --gpus-per-worker 0 to encode on CPUs"
+                f"{gpus:g}: use --workers {fits} or fewer"
+                if fits
+                else f"--gpus-per-worker {per_gpu:g} but the cluster has {gpus:g} GPUs: use --gpus-per-worker 0 to encode on CPUs"
             )
     else:
         workers = options.workers or max(1, int(cpus) - 1)
@@ -148,7 +153,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     else:
         try:
             ray.init(address=address, **quiet)
-        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:  # unreachable, bad address, auth
+        except (
+            ConnectionError,
+            RuntimeError,
+            ValueError,
+            ray.exceptions.RayError,
+        ) as exc:  # unreachable, bad address, auth
             raise RayClusterError(
                 f"cannot connect to the Ray cluster at {address!r} ({type(exc).__name__}: {exc}). Give the head's "
                 "address as ray://HEAD:10001 (Ray Client) or HEAD:6379 (on a cluster node); if the cluster uses token "
@@ -160,9 +170,16 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.shutdown()
 
 
-def index_paths_ray(store: Store, paths: Sequence[str | os.PathLike], collection: str = "default",
-                    model: str | None = None, pretrained: str | None = None, options: IndexOptions | None = None,
-                    ray_options: RayOptions | None = None, **overrides) -> RayIndexReport:
+def index_paths_ray(
+    store: Store,
+    paths: Sequence[str | os.PathLike],
+    collection: str = "default",
+    model: str | None = None,
+    pretrained: str | None = None,
+    options: IndexOptions | None = None,
+    ray_options: RayOptions | None = None,
+    **overrides,
+) -> RayIndexReport:
     """Index the image files under `paths` into `collection` on Ray; the end state is `index_paths`'s.
 
     model, pretrained: as `Encoder.load` (None: the shipped model); the driver loads it on the CPU
@@ -201,8 +218,9 @@ def index_paths_ray(store: Store, paths: Sequence[str | os.PathLike], collection
         report.files = len(files)
         if files:
             todo = [{"path": path, "known": known.get(path, "")} for path in files]
-            added += _embed(todo, encoder, model, pretrained, options, ray_options, store, coll, live, known,
-                            staging, report)
+            added += _embed(
+                todo, encoder, model, pretrained, options, ray_options, store, coll, live, known, staging, report
+            )
         finish(store, coll, paths, files, added, options, report)
     finally:
         lock.release()
@@ -210,8 +228,20 @@ def index_paths_ray(store: Store, paths: Sequence[str | os.PathLike], collection
     return report
 
 
-def _embed(todo: list[dict], encoder: Encoder, model, pretrained, options: IndexOptions, ray_options: RayOptions,
-           store: Store, coll: Collection, live: dict, known: dict, staging: Path, report: RayIndexReport) -> list[int]:
+def _embed(
+    todo: list[dict],
+    encoder: Encoder,
+    model,
+    pretrained,
+    options: IndexOptions,
+    ray_options: RayOptions,
+    store: Store,
+    coll: Collection,
+    live: dict,
+    known: dict,
+    staging: Path,
+    report: RayIndexReport,
+) -> list[int]:
     """Run the Ray Data job over `todo` and commit what comes back, one shard per block; returns the new ids."""
     clock = functools.partial(timed, report.seconds)
     added: list[int] = []
@@ -225,17 +255,37 @@ def _embed(todo: list[dict], encoder: Encoder, model, pretrained, options: Index
         context.enable_progress_bars = False  # the job's own bar below counts files, not blocks
         context.print_on_execution_start = False
         blocks = max(1, math.ceil(len(todo) / options.batch_size))
-        dataset = ray.data.from_items(todo, override_num_blocks=blocks).map_batches(
-            _decode_batch, batch_size=options.batch_size, batch_format="numpy", num_cpus=plan.decode_cpus,
-            fn_kwargs={"preprocess": encoder.preprocess, "min_side": encoder.image_size, "max_pixels": options.max_pixels},
-        ).map_batches(
-            _EncodeWorker, batch_size=options.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.worker_cpus,
-            num_gpus=plan.worker_gpus or None,
-            fn_constructor_kwargs={"model": model, "pretrained": pretrained, "device": plan.device},
+        dataset = (
+            ray.data.from_items(todo, override_num_blocks=blocks)
+            .map_batches(
+                _decode_batch,
+                batch_size=options.batch_size,
+                batch_format="numpy",
+                num_cpus=plan.decode_cpus,
+                fn_kwargs={
+                    "preprocess": encoder.preprocess,
+                    "min_side": encoder.image_size,
+                    "max_pixels": options.max_pixels,
+                },
+            )
+            .map_batches(
+                _EncodeWorker,
+                batch_size=options.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=plan.workers),
+                num_cpus=plan.worker_cpus,
+                num_gpus=plan.worker_gpus or None,
+                fn_constructor_kwargs={"model": model, "pretrained": pretrained, "device": plan.device},
+            )
         )
-        bar = stack.enter_context(tqdm(total=len(todo), unit="file", disable=not options.progress,
-                                       desc=f"indexing {coll.name} on Ray ({plan.workers} encoder workers)"))
+        bar = stack.enter_context(
+            tqdm(
+                total=len(todo),
+                unit="file",
+                disable=not options.progress,
+                desc=f"indexing {coll.name} on Ray ({plan.workers} encoder workers)",
+            )
+        )
         batches = iter(dataset.iter_batches(batch_size=options.batch_size, batch_format="numpy"))
         for stage in (DECODE, ENCODE):
             report.seconds[stage] = 0.0
@@ -254,7 +304,9 @@ def _embed(todo: list[dict], encoder: Encoder, model, pretrained, options: Index
             report.seconds[ENCODE] += float(batch["encode_s"].sum())
             report.unchanged += int(batch["unchanged"].sum())
             skipped = batch["reason"] != ""
-            report.skipped += [Skip(path, reason) for path, reason in zip(batch["path"][skipped], batch["reason"][skipped])]
+            report.skipped += [
+                Skip(path, reason) for path, reason in zip(batch["path"][skipped], batch["reason"][skipped])
+            ]
             if (~skipped & ~batch["unchanged"]).any():
                 with clock("write shards"):
                     _write_shard(staging, report.shards, batch)
@@ -271,8 +323,10 @@ def _embed(todo: list[dict], encoder: Encoder, model, pretrained, options: Index
 def _decode_batch(batch: dict[str, np.ndarray], preprocess, min_side: int, max_pixels: int) -> dict[str, np.ndarray]:
     """Ray task: read, hash and (unless unchanged) decode each file; pixels travel as float32 bytes."""
     start = time.perf_counter()
-    loaded = [load_file(str(path), str(known) or None, preprocess, min_side, max_pixels)
-              for path, known in zip(batch["path"], batch["known"], strict=True)]
+    loaded = [
+        load_file(str(path), str(known) or None, preprocess, min_side, max_pixels)
+        for path, known in zip(batch["path"], batch["known"], strict=True)
+    ]
     items = [item for item, _ in loaded]
     n = len(items)
     return {
@@ -283,7 +337,9 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess, min_side: int, max_p
         "reason": np.array([item.reason for item in items], dtype=object),
         "unchanged": np.array([item.unchanged for item in items], dtype=bool),
         "pixels": np.array([b"" if p is None else p.numpy().tobytes() for _, p in loaded], dtype=object),
-        "shape": np.array([(0, 0, 0) if p is None else tuple(p.shape) for _, p in loaded], dtype=np.int64).reshape(n, 3),
+        "shape": np.array([(0, 0, 0) if p is None else tuple(p.shape) for _, p in loaded], dtype=np.int64).reshape(
+            n, 3
+        ),
         "decode_s": np.full(n, (time.perf_counter() - start) / max(n, 1)),
     }
 
@@ -308,8 +364,11 @@ class _EncodeWorker:
 
 def _shard_files(staging: Path, number: int) -> tuple[Path, Path, Path]:
     """(embeddings, metadata, skipped) files of shard `number`."""
-    return (staging / "img_emb" / f"img_emb_{number}.npy", staging / "metadata" / f"metadata_{number}.parquet",
-            staging / "skipped" / f"skipped_{number}.parquet")
+    return (
+        staging / "img_emb" / f"img_emb_{number}.npy",
+        staging / "metadata" / f"metadata_{number}.parquet",
+        staging / "skipped" / f"skipped_{number}.parquet",
+    )
 
 
 def _write_shard(staging: Path, number: int, batch: dict[str, np.ndarray]) -> None:
@@ -322,21 +381,35 @@ def _write_shard(staging: Path, number: int, batch: dict[str, np.ndarray]) -> No
         path.parent.mkdir(exist_ok=True)
     with open(emb.with_name(emb.name + ".tmp"), "wb") as f:
         np.save(f, np.ascontiguousarray(batch["embedding"][fresh], dtype=np.float32))
-    pq.write_table(pa.table({"path": pa.array(batch["path"][skipped].tolist(), pa.string()),
-                             "reason": pa.array(batch["reason"][skipped].tolist(), pa.string())}),
-                   skip.with_name(skip.name + ".tmp"))
-    pq.write_table(pa.table({"image_path": pa.array(batch["path"][fresh].tolist(), pa.string()),
-                             "sha256": pa.array(batch["sha256"][fresh].tolist(), pa.string()),
-                             "width": pa.array(batch["width"][fresh], pa.int64()),
-                             "height": pa.array(batch["height"][fresh], pa.int64())}),
-                   meta.with_name(meta.name + ".tmp"))
+    pq.write_table(
+        pa.table(
+            {
+                "path": pa.array(batch["path"][skipped].tolist(), pa.string()),
+                "reason": pa.array(batch["reason"][skipped].tolist(), pa.string()),
+            }
+        ),
+        skip.with_name(skip.name + ".tmp"),
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "image_path": pa.array(batch["path"][fresh].tolist(), pa.string()),
+                "sha256": pa.array(batch["sha256"][fresh].tolist(), pa.string()),
+                "width": pa.array(batch["width"][fresh], pa.int64()),
+                "height": pa.array(batch["height"][fresh], pa.int64()),
+            }
+        ),
+        meta.with_name(meta.name + ".tmp"),
+    )
     for path in (emb, skip, meta):
         os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 def _complete_shards(staging: Path) -> list[int]:
     """Numbers of the complete shards in staging, ascending; leftovers of incomplete ones are deleted."""
-    complete = sorted(int(p.name[len("metadata_"):-len(".parquet")]) for p in staging.glob("metadata/metadata_*.parquet"))
+    complete = sorted(
+        int(p.name[len("metadata_") : -len(".parquet")]) for p in staging.glob("metadata/metadata_*.parquet")
+    )
     keep = {path for number in complete for path in _shard_files(staging, number)}
     for path in [*staging.glob("img_emb/*"), *staging.glob("skipped/*"), *staging.glob("metadata/*")]:
         if path not in keep:
@@ -344,8 +417,9 @@ def _complete_shards(staging: Path) -> list[int]:
     return complete
 
 
-def _commit_shard(store: Store, coll: Collection, live: dict[str, int], known: dict[str, str], staging: Path,
-                  number: int) -> list[int]:
+def _commit_shard(
+    store: Store, coll: Collection, live: dict[str, int], known: dict[str, str], staging: Path, number: int
+) -> list[int]:
     """Commit shard `number` in one transaction (rows whose hash is already live excepted: a run
     killed after committing it), then delete it. Returns the new ids."""
     emb, meta, skip = _shard_files(staging, number)

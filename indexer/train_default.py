@@ -30,9 +30,9 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
-from indexer.world import WorldConfig, caption, generate
 from indexer.default_model import DEFAULT_MODEL_NAME, register
 from indexer.default_model.quality import HELD_OUT_SEED, measure
+from indexer.world import WorldConfig, caption, generate
 
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default_model.json"
 
@@ -62,7 +62,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on gains, biases, norms, logit_scale), as open_clip's training does."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name else decay).append(p)
+        (
+            no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name else decay
+        ).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -74,14 +76,27 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def train(
-    out: Path, minutes: float, seed: int, steps: int | None, batch_size: int, lr: float, pool_size: int, hard: float, eval_every_s: float,
-    p_quality: float = 0.0, p_position: float = 0.0, hard_shape: float = 0.0, init: Path | None = None,
+    out: Path,
+    minutes: float,
+    seed: int,
+    steps: int | None,
+    batch_size: int,
+    lr: float,
+    pool_size: int,
+    hard: float,
+    eval_every_s: float,
+    p_quality: float = 0.0,
+    p_position: float = 0.0,
+    hard_shape: float = 0.0,
+    init: Path | None = None,
 ) -> dict:
     if seed == HELD_OUT_SEED:
         raise SystemExit(f"--seed {seed} is the held-out world seed; pick another")
     torch.manual_seed(seed)
     register()
-    model, _, preprocess = open_clip.create_model_and_transforms(DEFAULT_MODEL_NAME, pretrained=str(init) if init else None)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        DEFAULT_MODEL_NAME, pretrained=str(init) if init else None
+    )
     tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6)
@@ -122,11 +137,17 @@ def train(
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         if step % 25 == 0:
-            print(f"step {step} {elapsed / 60:5.1f} min loss {loss.item():.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                  f"scale {model.logit_scale.exp().item():.1f}", flush=True)
+            print(
+                f"step {step} {elapsed / 60:5.1f} min loss {loss.item():.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"scale {model.logit_scale.exp().item():.1f}",
+                flush=True,
+            )
         if time.time() - last_eval > eval_every_s:
             q = measure(model, preprocess, tokenizer, n_images=400)
-            print(f"  held-out@400: shape {q.shape_accuracy:.3f} colour {q.colour_accuracy:.3f} p@10 {q.precision_at_10:.3f}", flush=True)
+            print(
+                f"  held-out@400: shape {q.shape_accuracy:.3f} colour {q.colour_accuracy:.3f} p@10 {q.precision_at_10:.3f}",
+                flush=True,
+            )
             model.train()
             last_eval = time.time()
     train_s = time.time() - train_start
@@ -163,22 +184,43 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the safetensors weights")
     parser.add_argument("--minutes", type=float, default=25.0, help="training wall-time budget")
     parser.add_argument("--seed", type=int, default=0, help="torch seed and world seed of the training images")
-    parser.add_argument("--steps", type=int, default=None, help="fixed step count for the schedule (default: follow --minutes)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="fixed step count for the schedule (default: follow --minutes)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--pool", type=int, default=50_000, help="training images, generated once (uint8 in memory)")
     parser.add_argument("--hard", type=float, default=0.5, help="share of batches drawn from a single colour")
-    parser.add_argument("--hard-shape", type=float, default=0.0, help="share of batches drawn from a single colour and shape")
-    parser.add_argument("--p-quality", type=float, default=0.0, help="probability that a caption names the image quality")
+    parser.add_argument(
+        "--hard-shape", type=float, default=0.0, help="share of batches drawn from a single colour and shape"
+    )
+    parser.add_argument(
+        "--p-quality", type=float, default=0.0, help="probability that a caption names the image quality"
+    )
     parser.add_argument("--p-position", type=float, default=0.0, help="probability that a caption names the position")
-    parser.add_argument("--init", type=Path, default=None, help="start from these weights (safetensors) instead of random")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="start from these weights (safetensors) instead of random"
+    )
     parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out progress checks")
     parser.add_argument("--report", type=Path, default=REPORT, help="where to write the JSON report")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = train(args.out, args.minutes, args.seed, args.steps, args.batch_size, args.lr, args.pool, args.hard, args.eval_every,
-                   args.p_quality, args.p_position, args.hard_shape, args.init)
+    report = train(
+        args.out,
+        args.minutes,
+        args.seed,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.pool,
+        args.hard,
+        args.eval_every,
+        args.p_quality,
+        args.p_position,
+        args.hard_shape,
+        args.init,
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -76,7 +76,9 @@ class Attributes:
         return cls(**d)
 
 
-def _sample_layout(rng: np.random.Generator, config: WorldConfig) -> tuple[Attributes, list[tuple[float, float, float]]]:
+def _sample_layout(
+    rng: np.random.Generator, config: WorldConfig
+) -> tuple[Attributes, list[tuple[float, float, float]]]:
     """Draw attributes and the (cx, cy, radius) of every shape, in pixels of the final image."""
     side = config.image_size
     single = rng.random() < 0.5 or config.max_count == 1
@@ -123,14 +125,29 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         ]
     elif shape == "cross":
         t = 0.33 * r
-        pts = [(t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t), (-t, -r)]
+        pts = [
+            (t, -r),
+            (t, -t),
+            (r, -t),
+            (r, t),
+            (t, t),
+            (t, r),
+            (-t, r),
+            (-t, t),
+            (-r, t),
+            (-r, -t),
+            (-t, -t),
+            (-t, -r),
+        ]
     else:
         raise WorldError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     ca, sa = math.cos(angle), math.sin(angle)
     return [(cx + px * ca - py * sa, cy + px * sa + py * ca) for px, py in pts]
 
 
-def _render(attrs: Attributes, shapes: list[tuple[float, float, float]], rng: np.random.Generator, config: WorldConfig) -> Image.Image:
+def _render(
+    attrs: Attributes, shapes: list[tuple[float, float, float]], rng: np.random.Generator, config: WorldConfig
+) -> Image.Image:
     s = config.supersample
     side = config.image_size * s
     grey = BACKGROUNDS[attrs.background] + int(rng.integers(-15, 16))
@@ -174,7 +191,9 @@ def generate_one(index: int, seed: int = 0, config: WorldConfig = WorldConfig())
     return _render(attrs, shapes, rng, config), attrs
 
 
-def generate(n: int, seed: int = 0, config: WorldConfig = WorldConfig(), start: int = 0) -> list[tuple[Image.Image, Attributes]]:
+def generate(
+    n: int, seed: int = 0, config: WorldConfig = WorldConfig(), start: int = 0
+) -> list[tuple[Image.Image, Attributes]]:
     """Images start..start+n-1 of the world with this seed, with their attributes."""
     if n < 0:
         raise WorldError(f"n must be non-negative, got {n}")
@@ -185,7 +204,12 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-QUALITY_WORDS = {"blur": ("blurry", "blurred"), "noise": ("noisy", "grainy"), "jpeg": ("compressed", "pixelated"), "clean": ("sharp", "clean")}
+QUALITY_WORDS = {
+    "blur": ("blurry", "blurred"),
+    "noise": ("noisy", "grainy"),
+    "jpeg": ("compressed", "pixelated"),
+    "clean": ("sharp", "clean"),
+}
 
 
 def position_words(attrs: Attributes) -> str:
@@ -196,7 +220,7 @@ def position_words(attrs: Attributes) -> str:
 
 
 def _position_phrase(words: str) -> str:
-    """"on the left", "at the top", "in the top left", "in the centre"."""
+    """ "on the left", "at the top", "in the top left", "in the centre"."""
     if words in ("left", "right"):
         return f"on the {words}"
     return f"at the {words}" if words in ("top", "bottom") else f"in the {words}"
@@ -224,7 +248,15 @@ def caption(attrs: Attributes, rng: np.random.Generator, p_quality: float = 0.0,
         head = words
     else:
         words = f"{quality}{size}{fill}{colour}{shape}"
-        templates = ["{h}{p}", "{h}{p}", "{h}{p}{bg}", "a picture of {h}{p}{bg}", "a drawing of {h}{p}{bg}", "{w}{p}", "one {w}{p}{bg}"]
+        templates = [
+            "{h}{p}",
+            "{h}{p}",
+            "{h}{p}{bg}",
+            "a picture of {h}{p}{bg}",
+            "a drawing of {h}{p}{bg}",
+            "{w}{p}",
+            "one {w}{p}{bg}",
+        ]
         head = f"{_article(words)} {words}"
     return str(rng.choice(templates)).format(h=head, w=words, bg=bg, p=where)
 
@@ -232,7 +264,9 @@ def caption(attrs: Attributes, rng: np.random.Generator, p_quality: float = 0.0,
 LABELS_FILE = "labels.jsonl"
 
 
-def write_collection(folder: str | Path, n: int, seed: int = 0, config: WorldConfig = WorldConfig()) -> list[tuple[Path, Attributes]]:
+def write_collection(
+    folder: str | Path, n: int, seed: int = 0, config: WorldConfig = WorldConfig()
+) -> list[tuple[Path, Attributes]]:
     """Write n world images as PNG files into folder, with `labels.jsonl` (one {"file", ...attributes} per line)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,7 +360,14 @@ class SimulatedUser:
         order = np.argsort(-np.abs(self.weights))[:top]
         likes = [FEATURE_NAMES[i] for i in order if self.weights[i] > 0]
         dislikes = [FEATURE_NAMES[i] for i in order if self.weights[i] < 0]
-        return "; ".join(p for p in (f"likes {', '.join(likes)}" if likes else "", f"dislikes {', '.join(dislikes)}" if dislikes else "") if p)
+        return "; ".join(
+            p
+            for p in (
+                f"likes {', '.join(likes)}" if likes else "",
+                f"dislikes {', '.join(dislikes)}" if dislikes else "",
+            )
+            if p
+        )
 
 
 def sample_users(n: int, seed: int = 0, strength: float = 3.0) -> list[SimulatedUser]:

@@ -57,7 +57,16 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "records": ["Collection", "ConsistencyReport", "Feedback", "Image", "ImageRecord", "PreferencePair", "PreferenceRecord", "Ranking"],
+        "records": [
+            "Collection",
+            "ConsistencyReport",
+            "Feedback",
+            "Image",
+            "ImageRecord",
+            "PreferencePair",
+            "PreferenceRecord",
+            "Ranking",
+        ],
         "store": ["Store", "StoreConfig"],
     },
 )

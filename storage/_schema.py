@@ -22,9 +22,7 @@ collections = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(256), nullable=False, unique=True),
     sa.Column("model", sa.String(256), nullable=False),  # open_clip architecture, e.g. ViT-B-32
-    sa.Column(
-        "pretrained", sa.String(256), nullable=False
-    ),  # tag, or "sha256:<hex>" of a checkpoint
+    sa.Column("pretrained", sa.String(256), nullable=False),  # tag, or "sha256:<hex>" of a checkpoint
     sa.Column("dim", sa.Integer, nullable=False),
     sa.Column("embedding_dtype", sa.String(16), nullable=False),  # "float16" or "float32"
     sa.Column("created", sa.DateTime(timezone=True), nullable=False),
@@ -62,9 +60,7 @@ embeddings = sa.Table(
     "embeddings",
     metadata,
     sa.Column("image_id", sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column(
-        "data", sa.LargeBinary, nullable=False
-    ),  # little-endian, collection's dtype, dim values
+    sa.Column("data", sa.LargeBinary, nullable=False),  # little-endian, collection's dtype, dim values
 )
 
 users = sa.Table(

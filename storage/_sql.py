@@ -1,6 +1,5 @@
 """SQL helpers shared by the parts of the Store: version counters, id chunks, timestamps."""
 
-
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -8,12 +7,9 @@ from datetime import UTC, datetime
 import numpy as np
 import sqlalchemy as sa
 
-
 EMBEDDING_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 500  # ids per `IN (...)` clause, well under SQLite's bound-parameter limit
-
-
 
 
 def _bump(conn: sa.Connection, counter: sa.Column, row_ids: list[int]) -> None:
@@ -33,5 +29,3 @@ def _now() -> datetime:
 
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-

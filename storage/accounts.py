@@ -46,23 +46,31 @@ class AccountsMixin:
         with self._write() as conn:
             uid = self._user_id(conn, name, create=True)
             if conn.execute(sa.select(S.accounts.c.id).where(S.accounts.c.user_id == uid)).first():
-                raise AccountExistsError(f"account {name!r} already exists: remove it with `clipbt users delete {name}`")
+                raise AccountExistsError(
+                    f"account {name!r} already exists: remove it with `clipbt users delete {name}`"
+                )
             conn.execute(S.accounts.insert().values(user_id=uid, password_hash=hashed, created=_now()))
 
     def accounts(self) -> list[str]:
         """Every account name, sorted."""
         with self._read() as conn:
-            return list(conn.execute(
-                sa.select(S.users.c.name).join(S.accounts, S.accounts.c.user_id == S.users.c.id)
-                .order_by(S.users.c.name)).scalars())
+            return list(
+                conn.execute(
+                    sa.select(S.users.c.name)
+                    .join(S.accounts, S.accounts.c.user_id == S.users.c.id)
+                    .order_by(S.users.c.name)
+                ).scalars()
+            )
 
     def check_password(self, name: str, password: str) -> bool:
         """Whether `password` is the account's; False for an unknown account or one without a password."""
         hasher = _hasher()
         with self._read() as conn:
             stored = conn.execute(
-                sa.select(S.accounts.c.password_hash).join(S.users, S.users.c.id == S.accounts.c.user_id)
-                .where(S.users.c.name == name)).scalar()
+                sa.select(S.accounts.c.password_hash)
+                .join(S.users, S.users.c.id == S.accounts.c.user_id)
+                .where(S.users.c.name == name)
+            ).scalar()
         if stored is None:
             hasher.hash(password)  # as slow as a real check: timing does not tell which names exist
             return False
@@ -75,15 +83,18 @@ class AccountsMixin:
             token_id = conn.execute(
                 S.api_tokens.insert()
                 .values(account_id=self._account_id(conn, name), token_hash=secret_hash(token), created=_now())
-                .returning(S.api_tokens.c.id)).scalar_one()
+                .returning(S.api_tokens.c.id)
+            ).scalar_one()
         return token_id, token
 
     def tokens(self, name: str) -> list[dict]:
         """The account's tokens as {"id", "created"} (the tokens themselves are not kept)."""
         with self._read() as conn:
-            rows = conn.execute(sa.select(S.api_tokens.c.id, S.api_tokens.c.created)
-                                .where(S.api_tokens.c.account_id == self._account_id(conn, name))
-                                .order_by(S.api_tokens.c.id)).all()
+            rows = conn.execute(
+                sa.select(S.api_tokens.c.id, S.api_tokens.c.created)
+                .where(S.api_tokens.c.account_id == self._account_id(conn, name))
+                .order_by(S.api_tokens.c.id)
+            ).all()
         return [{"id": r.id, "created": _utc(r.created).isoformat()} for r in rows]
 
     def revoke_tokens(self, name: str, token_id: int | None = None) -> int:
@@ -94,14 +105,18 @@ class AccountsMixin:
                 query = query.where(S.api_tokens.c.id == token_id)
             removed = conn.execute(query).rowcount
         if token_id is not None and not removed:
-            raise UnknownAccountError(f"account {name!r} has no token {token_id}: list them with `clipbt tokens list {name}`")
+            raise UnknownAccountError(
+                f"account {name!r} has no token {token_id}: list them with `clipbt tokens list {name}`"
+            )
         return removed
 
     def token_user(self, token: str) -> str | None:
         """The account name a token belongs to, or None (one indexed SELECT, straight to the driver)."""
         rows = self._fetch_direct(
             "SELECT u.name FROM api_tokens t JOIN accounts a ON a.id = t.account_id "
-            "JOIN users u ON u.id = a.user_id WHERE t.token_hash = ?", [secret_hash(token)])
+            "JOIN users u ON u.id = a.user_id WHERE t.token_hash = ?",
+            [secret_hash(token)],
+        )
         return rows[0][0] if rows else None
 
     def create_session(self, name: str, lifetime_s: float) -> str:
@@ -109,9 +124,13 @@ class AccountsMixin:
         secret = secrets.token_urlsafe(32)
         with self._write() as conn:
             conn.execute(S.web_sessions.delete().where(S.web_sessions.c.expires < _now()))
-            conn.execute(S.web_sessions.insert().values(
-                account_id=self._account_id(conn, name), session_hash=secret_hash(secret),
-                expires=_now() + timedelta(seconds=lifetime_s)))
+            conn.execute(
+                S.web_sessions.insert().values(
+                    account_id=self._account_id(conn, name),
+                    session_hash=secret_hash(secret),
+                    expires=_now() + timedelta(seconds=lifetime_s),
+                )
+            )
         return secret
 
     def session_user(self, secret: str) -> str | None:
@@ -121,7 +140,8 @@ class AccountsMixin:
                 sa.select(S.users.c.name, S.web_sessions.c.expires)
                 .join(S.accounts, S.accounts.c.id == S.web_sessions.c.account_id)
                 .join(S.users, S.users.c.id == S.accounts.c.user_id)
-                .where(S.web_sessions.c.session_hash == secret_hash(secret))).first()
+                .where(S.web_sessions.c.session_hash == secret_hash(secret))
+            ).first()
         return row.name if row is not None and _utc(row.expires) > _now() else None
 
     def end_session(self, secret: str) -> None:
@@ -131,8 +151,8 @@ class AccountsMixin:
 
     def _account_id(self, conn: sa.Connection, name: str) -> int:
         found = conn.execute(
-            sa.select(S.accounts.c.id).join(S.users, S.users.c.id == S.accounts.c.user_id)
-            .where(S.users.c.name == name)).scalar()
+            sa.select(S.accounts.c.id).join(S.users, S.users.c.id == S.accounts.c.user_id).where(S.users.c.name == name)
+        ).scalar()
         if found is None:
             raise UnknownAccountError(f"no account {name!r}: create it with `clipbt users add {name}`")
         return found

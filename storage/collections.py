@@ -1,6 +1,5 @@
 """The collections, images and embeddings part of the Store."""
 
-
 import dataclasses
 import json
 import os
@@ -11,6 +10,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from storage import _schema as S
+from storage._sql import _SHA256, EMBEDDING_DTYPES, _bump, _chunks, _now, _utc
 from storage.errors import (
     CollectionExistsError,
     DuplicateImageError,
@@ -20,7 +20,6 @@ from storage.errors import (
     UnknownCollectionError,
     UnknownImageError,
 )
-from storage._sql import _SHA256, EMBEDDING_DTYPES, _bump, _chunks, _now, _utc
 from storage.limits import MAX_STORED_ID, LimitError, check_text, is_image_id, parse_image_id
 from storage.records import (
     Collection,
@@ -29,14 +28,18 @@ from storage.records import (
 )
 
 
-
 class CollectionsMixin:
     """Collections, their images and embeddings, and the change counter of a collection."""
 
     # -- collections ---------------------------------------------------------------------------
 
     def create_collection(
-        self, name: str, model: str, pretrained: str, dim: int, embedding_dtype: str = "float16",
+        self,
+        name: str,
+        model: str,
+        pretrained: str,
+        dim: int,
+        embedding_dtype: str = "float16",
         checkpoint_path: str | None = None,
     ) -> Collection:
         """Create a collection; CollectionExistsError if the name is taken. `checkpoint_path`:
@@ -45,13 +48,16 @@ class CollectionsMixin:
         with self._write() as conn:
             row = conn.execute(sa.select(S.collections).where(S.collections.c.name == name)).first()
             if row is not None:
-                raise CollectionExistsError(
-                    f"collection {name!r} already exists: {_collection(row)}"
-                )
+                raise CollectionExistsError(f"collection {name!r} already exists: {_collection(row)}")
             return self._insert_collection(conn, name, model, pretrained, dim, embedding_dtype, checkpoint_path)
 
     def get_or_create_collection(
-        self, name: str, model: str, pretrained: str, dim: int, embedding_dtype: str = "float16",
+        self,
+        name: str,
+        model: str,
+        pretrained: str,
+        dim: int,
+        embedding_dtype: str = "float16",
         checkpoint_path: str | None = None,
     ) -> Collection:
         """The collection `name`, created if missing. CollectionMismatchError if it exists with
@@ -65,8 +71,9 @@ class CollectionsMixin:
             found = _collection(row)
             found.check_model(model, pretrained, dim, "use another collection name")
             if checkpoint_path is not None and checkpoint_path != found.checkpoint_path:
-                conn.execute(S.collections.update().where(S.collections.c.id == found.id)
-                             .values(checkpoint_path=checkpoint_path))
+                conn.execute(
+                    S.collections.update().where(S.collections.c.id == found.id).values(checkpoint_path=checkpoint_path)
+                )
                 found = dataclasses.replace(found, checkpoint_path=checkpoint_path)
         return found
 
@@ -85,16 +92,29 @@ class CollectionsMixin:
         """Every collection in creation order: name, model, pretrained, dim, live images, and users
         with at least one preference recorded in it."""
         with self._read() as conn:
-            images = dict(conn.execute(
-                sa.select(S.images.c.collection_id, sa.func.count())
-                .where(S.images.c.deleted == sa.false()).group_by(S.images.c.collection_id)).all())
+            images = dict(
+                conn.execute(
+                    sa.select(S.images.c.collection_id, sa.func.count())
+                    .where(S.images.c.deleted == sa.false())
+                    .group_by(S.images.c.collection_id)
+                ).all()
+            )
             users: dict[int, set[int]] = {}
             for table in (S.pairs, S.rankings):
                 for cid, uid in conn.execute(sa.select(table.c.collection_id, table.c.user_id).distinct()):
                     users.setdefault(cid, set()).add(uid)
             rows = conn.execute(sa.select(S.collections).order_by(S.collections.c.id)).all()
-        return [{"name": r.name, "model": r.model, "pretrained": r.pretrained, "dim": r.dim,
-                 "images": images.get(r.id, 0), "users": len(users.get(r.id, ()))} for r in rows]
+        return [
+            {
+                "name": r.name,
+                "model": r.model,
+                "pretrained": r.pretrained,
+                "dim": r.dim,
+                "images": images.get(r.id, 0),
+                "users": len(users.get(r.id, ())),
+            }
+            for r in rows
+        ]
 
     def rename_collection(self, old: str, new: str) -> Collection:
         """Give collection `old` the name `new`; CollectionExistsError if `new` is taken. Its images,
@@ -118,13 +138,23 @@ class CollectionsMixin:
             image_ids = sa.select(S.images.c.id).where(S.images.c.collection_id == coll.id)
             ranking_ids = sa.select(S.rankings.c.id).where(S.rankings.c.collection_id == coll.id)
             users = set(conn.execute(sa.select(S.pairs.c.user_id).where(S.pairs.c.collection_id == coll.id)).scalars())
-            users |= set(conn.execute(sa.select(S.rankings.c.user_id).where(S.rankings.c.collection_id == coll.id)).scalars())
-            kinds = dict(conn.execute(sa.select(S.rankings.c.kind, sa.func.count())
-                                      .where(S.rankings.c.collection_id == coll.id).group_by(S.rankings.c.kind)).all())
+            users |= set(
+                conn.execute(sa.select(S.rankings.c.user_id).where(S.rankings.c.collection_id == coll.id)).scalars()
+            )
+            kinds = dict(
+                conn.execute(
+                    sa.select(S.rankings.c.kind, sa.func.count())
+                    .where(S.rankings.c.collection_id == coll.id)
+                    .group_by(S.rankings.c.kind)
+                ).all()
+            )
             conn.execute(S.ranking_items.delete().where(S.ranking_items.c.ranking_id.in_(ranking_ids)))
             conn.execute(S.rankings.delete().where(S.rankings.c.collection_id == coll.id))
-            removed = {"pairs": conn.execute(S.pairs.delete().where(S.pairs.c.collection_id == coll.id)).rowcount,
-                       "rankings": kinds.get("ranking", 0), "feedback": kinds.get("feedback", 0)}
+            removed = {
+                "pairs": conn.execute(S.pairs.delete().where(S.pairs.c.collection_id == coll.id)).rowcount,
+                "rankings": kinds.get("ranking", 0),
+                "feedback": kinds.get("feedback", 0),
+            }
             conn.execute(S.embeddings.delete().where(S.embeddings.c.image_id.in_(image_ids)))
             removed["images"] = conn.execute(S.images.delete().where(S.images.c.collection_id == coll.id)).rowcount
             conn.execute(S.collections.delete().where(S.collections.c.id == coll.id))
@@ -160,14 +190,8 @@ class CollectionsMixin:
             raise UnknownCollectionError(f"not a collection name or id: {ref!r}")
         row = conn.execute(sa.select(S.collections).where(where)).first()
         if row is None:
-            names = (
-                conn.execute(sa.select(S.collections.c.name).order_by(S.collections.c.id))
-                .scalars()
-                .all()
-            )
-            raise UnknownCollectionError(
-                f"unknown collection {ref!r}; existing: {', '.join(names) or 'none'}"
-            )
+            names = conn.execute(sa.select(S.collections.c.name).order_by(S.collections.c.id)).scalars().all()
+            raise UnknownCollectionError(f"unknown collection {ref!r}; existing: {', '.join(names) or 'none'}")
         return _collection(row)
 
     # -- images and embeddings -----------------------------------------------------------------
@@ -193,8 +217,7 @@ class CollectionsMixin:
         for i, record in enumerate(records):
             if record.uri in seen:
                 raise DuplicateImageError(
-                    f"uri {record.uri!r} appears twice in the batch "
-                    f"(records {seen[record.uri]} and {i})"
+                    f"uri {record.uri!r} appears twice in the batch (records {seen[record.uri]} and {i})"
                 )
             seen[record.uri] = i
         if not records:
@@ -240,9 +263,7 @@ class CollectionsMixin:
             _bump(conn, S.collections.c.content_version, [coll.id])
         return ids
 
-    def images(
-        self, collection_id: int | str | Collection, include_deleted: bool = False
-    ) -> list[Image]:
+    def images(self, collection_id: int | str | Collection, include_deleted: bool = False) -> list[Image]:
         """The images of a collection in id order; live ones only unless include_deleted."""
         with self._read() as conn:
             coll = self._collection(conn, collection_id)
@@ -303,8 +324,7 @@ class CollectionsMixin:
             if image.collection_id != coll.id:
                 other = self._collection(conn, image.collection_id)
                 raise ForeignImageError(
-                    f"image {ref!r} ({image.uri}) is in collection {other.name!r}, "
-                    f"not {coll.name!r}"
+                    f"image {ref!r} ({image.uri}) is in collection {other.name!r}, not {coll.name!r}"
                 )
         if image.deleted:
             raise UnknownImageError(f"image {ref!r} ({image.uri}) was deleted")
@@ -386,17 +406,13 @@ class CollectionsMixin:
                 missing = sorted(set(wanted) - {r.id for r in rows})
                 if missing:
                     state = "images" if include_deleted else "live images"
-                    raise UnknownImageError(
-                        f"image ids {missing[:10]} are not {state} of collection {coll.name!r}"
-                    )
+                    raise UnknownImageError(f"image ids {missing[:10]} are not {state} of collection {coll.name!r}")
         dtype = EMBEDDING_DTYPES[coll.embedding_dtype]
         ids = np.fromiter((r.id for r in rows), dtype=np.int64, count=len(rows))
         width = coll.dim * dtype.itemsize
         bad = [r.id for r in rows if len(r.data) != width]
         if bad:
-            raise StoreCorruptError(
-                f"embeddings of images {bad[:10]} are not {coll.dim} {coll.embedding_dtype} values"
-            )
+            raise StoreCorruptError(f"embeddings of images {bad[:10]} are not {coll.dim} {coll.embedding_dtype} values")
         vectors = np.frombuffer(b"".join(r.data for r in rows), dtype=dtype)
         return ids, vectors.reshape(len(rows), coll.dim).astype(np.float32)
 
@@ -415,9 +431,7 @@ def _one_collection(conn: sa.Connection, image_ids: list[int]) -> int:
         r.id: r
         for chunk in _chunks(sorted(set(image_ids)))
         for r in conn.execute(
-            sa.select(S.images.c.id, S.images.c.collection_id, S.images.c.deleted).where(
-                S.images.c.id.in_(chunk)
-            )
+            sa.select(S.images.c.id, S.images.c.collection_id, S.images.c.deleted).where(S.images.c.id.in_(chunk))
         )
     }
     for i in image_ids:
@@ -449,9 +463,7 @@ def _embedding_blobs(coll: Collection, records: list[ImageRecord], embeddings) -
     finite = np.isfinite(stored).all(axis=1)
     if not finite.all():
         row = int(np.argmin(finite))
-        raise InvalidRecordError(
-            f"embedding row {row} ({records[row].uri!r}) is not finite as {coll.embedding_dtype}"
-        )
+        raise InvalidRecordError(f"embedding row {row} ({records[row].uri!r}) is not finite as {coll.embedding_dtype}")
     return [row.tobytes() for row in stored]
 
 
@@ -467,19 +479,13 @@ def _check_record(i: int, r: ImageRecord) -> None:
             except LimitError as exc:
                 raise InvalidRecordError(str(exc)) from None
     if not isinstance(r.sha256, str) or not _SHA256.fullmatch(r.sha256):
-        raise InvalidRecordError(
-            f"record {i} ({r.uri}): sha256 must be 64 lowercase hex digits, got {r.sha256!r}"
-        )
+        raise InvalidRecordError(f"record {i} ({r.uri}): sha256 must be 64 lowercase hex digits, got {r.sha256!r}")
     for name in ("width", "height"):
         value = getattr(r, name)
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-            raise InvalidRecordError(
-                f"record {i} ({r.uri}): {name} must be a positive int, got {value!r}"
-            )
+            raise InvalidRecordError(f"record {i} ({r.uri}): {name} must be a positive int, got {value!r}")
     if r.metadata is not None and not isinstance(r.metadata, dict):
-        raise InvalidRecordError(
-            f"record {i} ({r.uri}): metadata must be a dict, got {r.metadata!r}"
-        )
+        raise InvalidRecordError(f"record {i} ({r.uri}): metadata must be a dict, got {r.metadata!r}")
     try:
         json.dumps(r.metadata)
     except (TypeError, ValueError) as exc:
@@ -489,21 +495,16 @@ def _check_record(i: int, r: ImageRecord) -> None:
 def _check_collection_args(name, model, pretrained, dim, embedding_dtype, checkpoint_path=None) -> None:
     for label, value in (("name", name), ("model", model), ("pretrained", pretrained)):
         if not isinstance(value, str) or not value.strip() or len(value) > 256:
-            raise InvalidRecordError(
-                f"collection {label} must be 1 to 256 characters, got {value!r}"
-            )
+            raise InvalidRecordError(f"collection {label} must be 1 to 256 characters, got {value!r}")
     if pretrained.startswith("sha256:") and not _SHA256.fullmatch(pretrained[len("sha256:") :]):
-        raise InvalidRecordError(
-            f"pretrained {pretrained!r} must be sha256: and 64 lowercase hex digits"
-        )
+        raise InvalidRecordError(f"pretrained {pretrained!r} must be sha256: and 64 lowercase hex digits")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise InvalidRecordError(f"dim must be a positive int, got {dim!r}")
     if embedding_dtype not in EMBEDDING_DTYPES:
-        raise InvalidRecordError(
-            f"embedding_dtype must be float16 or float32, got {embedding_dtype!r}"
-        )
-    if checkpoint_path is not None and not (pretrained.startswith("sha256:") and isinstance(checkpoint_path, str)
-                                            and os.path.isabs(checkpoint_path)):
+        raise InvalidRecordError(f"embedding_dtype must be float16 or float32, got {embedding_dtype!r}")
+    if checkpoint_path is not None and not (
+        pretrained.startswith("sha256:") and isinstance(checkpoint_path, str) and os.path.isabs(checkpoint_path)
+    ):
         raise InvalidRecordError(
             f"checkpoint_path must be an absolute path, for a pretrained 'sha256:...' checkpoint; "
             f"got {checkpoint_path!r} for pretrained {pretrained!r}"
@@ -546,4 +547,3 @@ def _image(row) -> Image:
         _utc(row.added),
         bool(row.deleted),
     )
-

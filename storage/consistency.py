@@ -1,14 +1,11 @@
 """The consistency checks of the Store: what a crash or a bug could have left behind."""
 
-
-
 import sqlalchemy as sa
 
 from storage import _schema as S
 from storage.records import (
     ConsistencyReport,
 )
-
 
 
 class ConsistencyMixin:
@@ -28,13 +25,9 @@ class ConsistencyMixin:
                     problems.append(f"SQLite integrity_check: {'; '.join(damage[:5])}")
                 orphans = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
                 if orphans:
-                    problems.append(
-                        f"{len(orphans)} rows reference missing rows, e.g. {tuple(orphans[0])}"
-                    )
+                    problems.append(f"{len(orphans)} rows reference missing rows, e.g. {tuple(orphans[0])}")
             for table in (col, img, emb, S.users, S.pairs, S.rankings, S.ranking_items):
-                report.counts[table.name] = conn.execute(
-                    sa.select(sa.func.count()).select_from(table)
-                ).scalar_one()
+                report.counts[table.name] = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
 
             def ids_where(query, what):
                 found = conn.execute(query.limit(10)).scalars().all()
@@ -42,9 +35,7 @@ class ConsistencyMixin:
                     problems.append(f"{what}, e.g. {found}")
 
             ids_where(
-                sa.select(img.c.id)
-                .outerjoin(emb, emb.c.image_id == img.c.id)
-                .where(emb.c.image_id.is_(None)),
+                sa.select(img.c.id).outerjoin(emb, emb.c.image_id == img.c.id).where(emb.c.image_id.is_(None)),
                 "images without an embedding",
             )
             itemsize = sa.case((col.c.embedding_dtype == "float16", 2), else_=4)
@@ -77,16 +68,10 @@ class ConsistencyMixin:
                 "rankings holding images of another collection",
             )
             n_items = (
-                sa.select(sa.func.count())
-                .where(S.ranking_items.c.ranking_id == S.rankings.c.id)
-                .scalar_subquery()
+                sa.select(sa.func.count()).where(S.ranking_items.c.ranking_id == S.rankings.c.id).scalar_subquery()
             )
             ids_where(
-                sa.select(S.rankings.c.id).where(
-                    n_items < sa.case((S.rankings.c.kind == "ranking", 2), else_=1)
-                ),
+                sa.select(S.rankings.c.id).where(n_items < sa.case((S.rankings.c.kind == "ranking", 2), else_=1)),
                 "rankings or feedback with too few images",
             )
         return report
-
-

@@ -11,9 +11,10 @@ def data_home(home: str | os.PathLike | None = None) -> Path:
     (that is, ~/.local/share/clipbt). The folder is created if missing, readable by its owner
     only (0700): it holds every user's preferences."""
     if home is None:
-        home = os.environ.get(ENV_VAR) or Path(
-            os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-        ) / "clipbt"
+        home = (
+            os.environ.get(ENV_VAR)
+            or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "clipbt"
+        )
     path = Path(home).expanduser()
     if not path.exists():
         path.mkdir(mode=0o700, parents=True, exist_ok=True)

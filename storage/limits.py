@@ -57,9 +57,7 @@ def check_query_text(value, what: str = "query text") -> str:
         raise LimitError(f"{what} must be non-empty text, got {value!r}")
     value = check_text(value.strip(), what)
     if len(value) > LIMITS.query_max_chars:
-        raise LimitError(
-            f"{what} is {len(value)} characters long; the maximum is {LIMITS.query_max_chars}"
-        )
+        raise LimitError(f"{what} is {len(value)} characters long; the maximum is {LIMITS.query_max_chars}")
     return value
 
 
@@ -77,9 +75,7 @@ def normalize_user(name) -> str:
     if not name:
         raise InvalidUserError(f"a user name needs at least one visible character, got {name!r}")
     if len(name) > LIMITS.user_max_chars:
-        raise InvalidUserError(
-            f"user name is {len(name)} characters long; the maximum is {LIMITS.user_max_chars}"
-        )
+        raise InvalidUserError(f"user name is {len(name)} characters long; the maximum is {LIMITS.user_max_chars}")
     for position, char in enumerate(name):
         # Cc control, Cf format (zero-width space and joiners, bidi marks), Co/Cs/Cn private or
         # unassigned, Zl/Zp line breaks: invisible or ambiguous in a printed name.

@@ -8,12 +8,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage import _schema as S
+from storage._sql import _bump, _chunks, _now, _utc
+from storage.collections import _image_id, _one_collection
 from storage.errors import (
     InvalidPreferenceError,
     UnknownUserError,
 )
-from storage._sql import _bump, _chunks, _now, _utc
-from storage.collections import _image_id, _one_collection
 from storage.limits import check_preference_size, check_query_text, check_text, normalize_user
 from storage.records import (
     Collection,
@@ -55,9 +55,7 @@ class PreferencesMixin:
             )
             conn.execute(
                 S.ranking_items.delete().where(
-                    S.ranking_items.c.ranking_id.in_(
-                        sa.select(S.rankings.c.id).where(S.rankings.c.user_id == uid)
-                    )
+                    S.ranking_items.c.ranking_id.in_(sa.select(S.rankings.c.id).where(S.rankings.c.user_id == uid))
                 )
             )
             conn.execute(S.rankings.delete().where(S.rankings.c.user_id == uid))
@@ -112,17 +110,12 @@ class PreferencesMixin:
         query, weight, source = _check_query(query), _check_weight(weight), _check_source(source)
         preferred_id, rejected_id = _image_id(preferred_id), _image_id(rejected_id)
         if preferred_id == rejected_id:
-            raise InvalidPreferenceError(
-                f"preferred and rejected are the same image {preferred_id}"
-            )
+            raise InvalidPreferenceError(f"preferred and rejected are the same image {preferred_id}")
         with self._write() as conn:
             uid = self._user_id(conn, user, create=True)
             cid = _one_collection(conn, [preferred_id, rejected_id])
             last = conn.execute(
-                sa.select(S.pairs)
-                .where(S.pairs.c.user_id == uid)
-                .order_by(S.pairs.c.id.desc())
-                .limit(1)
+                sa.select(S.pairs).where(S.pairs.c.user_id == uid).order_by(S.pairs.c.id.desc()).limit(1)
             ).first()
             fields = (cid, query, preferred_id, rejected_id, weight, source)
             if last is not None and fields == (
@@ -151,9 +144,7 @@ class PreferencesMixin:
             _bump(conn, S.users.c.pref_version, [uid])
         return pair_id
 
-    def add_ranking(
-        self, user: str, query: str, image_ids: Sequence[int], source: str = "ranking"
-    ) -> int:
+    def add_ranking(self, user: str, query: str, image_ids: Sequence[int], source: str = "ranking") -> int:
         """Record a ranking of two or more images, best first; returns its id.
 
         Stored as a ranking (for Plackett-Luce); `pairs()` also reports it broken into every
@@ -163,9 +154,7 @@ class PreferencesMixin:
         if len(ids) < 2:
             raise InvalidPreferenceError(f"a ranking needs at least 2 images, got {ids}")
         check_preference_size("ranking", len(ids))
-        return self._add_tiers(
-            user, query, "ranking", [(i, pos) for pos, i in enumerate(ids)], source
-        )
+        return self._add_tiers(user, query, "ranking", [(i, pos) for pos, i in enumerate(ids)], source)
 
     def add_feedback(
         self,
@@ -187,13 +176,9 @@ class PreferencesMixin:
         both = sorted(set(good) & set(bad))
         if both:
             raise InvalidPreferenceError(f"images {both} are marked both good and bad")
-        return self._add_tiers(
-            user, query, "feedback", [(i, 0) for i in good] + [(i, 1) for i in bad], source
-        )
+        return self._add_tiers(user, query, "feedback", [(i, 0) for i in good] + [(i, 1) for i in bad], source)
 
-    def _add_tiers(
-        self, user: str, query: str, kind: str, items: list[tuple[int, int]], source: str
-    ) -> int:
+    def _add_tiers(self, user: str, query: str, kind: str, items: list[tuple[int, int]], source: str) -> int:
         query, source = _check_query(query), _check_source(source)
         ids = [i for i, _ in items]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -260,9 +245,7 @@ class PreferencesMixin:
                     uid = users[record.user] = self._user_id(conn, record.user, create=True)
                 ids = [i for i, _ in record.items]
                 if _one_collection(conn, ids) != record.collection_id:
-                    raise InvalidPreferenceError(
-                        f"images {ids} are not in collection {record.collection_id}"
-                    )
+                    raise InvalidPreferenceError(f"images {ids} are not in collection {record.collection_id}")
                 stored = self._stored_record(conn, uid, record)
                 counts["present" if stored else "new"][record.kind] += 1
                 if not stored:
@@ -279,8 +262,12 @@ class PreferencesMixin:
             t = S.pairs.c
             rows = conn.execute(
                 sa.select(t.created).where(
-                    t.user_id == uid, t.collection_id == record.collection_id, t.query == record.query,
-                    t.preferred_id == preferred, t.rejected_id == rejected, t.weight == record.weight,
+                    t.user_id == uid,
+                    t.collection_id == record.collection_id,
+                    t.query == record.query,
+                    t.preferred_id == preferred,
+                    t.rejected_id == rejected,
+                    t.weight == record.weight,
                     t.source == record.source,
                 )
             ).scalars()
@@ -288,8 +275,11 @@ class PreferencesMixin:
         t = S.rankings.c
         heads = conn.execute(
             sa.select(t.id, t.created).where(
-                t.user_id == uid, t.kind == record.kind, t.collection_id == record.collection_id,
-                t.query == record.query, t.source == record.source,
+                t.user_id == uid,
+                t.kind == record.kind,
+                t.collection_id == record.collection_id,
+                t.query == record.query,
+                t.source == record.source,
             )
         ).all()
         for head in heads:
@@ -307,22 +297,37 @@ class PreferencesMixin:
     def _insert_record(self, conn: sa.Connection, uid: int, record: PreferenceRecord, created) -> None:
         if record.kind == "pair":
             (preferred, _), (rejected, _) = record.items
-            conn.execute(S.pairs.insert().values(
-                user_id=uid, collection_id=record.collection_id, query=record.query,
-                preferred_id=preferred, rejected_id=rejected, weight=record.weight,
-                source=record.source, created=created,
-            ))
+            conn.execute(
+                S.pairs.insert().values(
+                    user_id=uid,
+                    collection_id=record.collection_id,
+                    query=record.query,
+                    preferred_id=preferred,
+                    rejected_id=rejected,
+                    weight=record.weight,
+                    source=record.source,
+                    created=created,
+                )
+            )
             return
         rid = conn.execute(
             S.rankings.insert()
-            .values(user_id=uid, collection_id=record.collection_id, kind=record.kind,
-                    query=record.query, source=record.source, created=created)
+            .values(
+                user_id=uid,
+                collection_id=record.collection_id,
+                kind=record.kind,
+                query=record.query,
+                source=record.source,
+                created=created,
+            )
             .returning(S.rankings.c.id)
         ).scalar_one()
         conn.execute(
             S.ranking_items.insert(),
-            [{"ranking_id": rid, "position": pos, "image_id": i, "tier": tier}
-             for pos, (i, tier) in enumerate(record.items)],
+            [
+                {"ranking_id": rid, "position": pos, "image_id": i, "tier": tier}
+                for pos, (i, tier) in enumerate(record.items)
+            ],
         )
 
     def delete_preference(self, user: str, kind: str, record_id: int) -> bool:
@@ -336,7 +341,8 @@ class PreferencesMixin:
                 removed = conn.execute(S.pairs.delete().where(S.pairs.c.id == record_id, S.pairs.c.user_id == uid))
             else:
                 mine = sa.select(S.rankings.c.id).where(
-                    S.rankings.c.id == record_id, S.rankings.c.user_id == uid, S.rankings.c.kind == kind)
+                    S.rankings.c.id == record_id, S.rankings.c.user_id == uid, S.rankings.c.kind == kind
+                )
                 conn.execute(S.ranking_items.delete().where(S.ranking_items.c.ranking_id.in_(mine)))
                 removed = conn.execute(S.rankings.delete().where(S.rankings.c.id.in_(mine)))
             if removed.rowcount:
@@ -353,7 +359,8 @@ class PreferencesMixin:
                 return 0
             return sum(
                 conn.execute(
-                    sa.select(sa.func.count()).select_from(table)
+                    sa.select(sa.func.count())
+                    .select_from(table)
                     .where(table.c.user_id == row.id, table.c.collection_id == coll)
                 ).scalar_one()
                 for table in (S.pairs, S.rankings)
@@ -413,9 +420,7 @@ class PreferencesMixin:
             ]
         return sorted(out, key=lambda p: p.created)
 
-    def rankings(
-        self, user: str, collection_id: int | str | Collection | None = None
-    ) -> list[Ranking]:
+    def rankings(self, user: str, collection_id: int | str | Collection | None = None) -> list[Ranking]:
         """The rankings of `user`, oldest first, each best image first."""
         return [
             Ranking(
@@ -430,9 +435,7 @@ class PreferencesMixin:
             for r, items in self._tiers(user, collection_id, "ranking")
         ]
 
-    def feedback(
-        self, user: str, collection_id: int | str | Collection | None = None
-    ) -> list[Feedback]:
+    def feedback(self, user: str, collection_id: int | str | Collection | None = None) -> list[Feedback]:
         """The thumbs up/down feedback of `user`, oldest first."""
         return [
             Feedback(
@@ -451,19 +454,13 @@ class PreferencesMixin:
     def _tiers(self, user, collection_id, kind) -> list[tuple[sa.Row, list[tuple[int, int]]]]:
         with self._read() as conn:
             uid = self._user_id(conn, user, create=False)
-            query = sa.select(S.rankings).where(
-                S.rankings.c.user_id == uid, S.rankings.c.kind == kind
-            )
+            query = sa.select(S.rankings).where(S.rankings.c.user_id == uid, S.rankings.c.kind == kind)
             if collection_id is not None:
-                query = query.where(
-                    S.rankings.c.collection_id == self._collection(conn, collection_id).id
-                )
+                query = query.where(S.rankings.c.collection_id == self._collection(conn, collection_id).id)
             heads = conn.execute(query.order_by(S.rankings.c.id)).all()
             items: dict[int, list[tuple[int, int]]] = {h.id: [] for h in heads}
             rows = conn.execute(
-                sa.select(
-                    S.ranking_items.c.ranking_id, S.ranking_items.c.image_id, S.ranking_items.c.tier
-                )
+                sa.select(S.ranking_items.c.ranking_id, S.ranking_items.c.image_id, S.ranking_items.c.tier)
                 .join(S.rankings, S.rankings.c.id == S.ranking_items.c.ranking_id)
                 .where(S.rankings.c.user_id == uid, S.rankings.c.kind == kind)
                 .order_by(S.ranking_items.c.ranking_id, S.ranking_items.c.position)
@@ -480,9 +477,7 @@ class PreferencesMixin:
         never repeats an old version."""
         with self._read() as conn:
             uid = self._user_id(conn, user, create=False)
-            count = conn.execute(
-                sa.select(S.users.c.pref_version).where(S.users.c.id == uid)
-            ).scalar_one()
+            count = conn.execute(sa.select(S.users.c.pref_version).where(S.users.c.id == uid)).scalar_one()
         return (uid << 32) | count
 
     def preference_versions(self, users: Iterable[str]) -> dict[str, int | None]:
@@ -494,7 +489,8 @@ class PreferencesMixin:
         found = {}
         for chunk in _chunks(names):
             rows = self._fetch_direct(
-                f"SELECT name, id, pref_version FROM users WHERE name IN ({', '.join('?' * len(chunk))})", chunk)
+                f"SELECT name, id, pref_version FROM users WHERE name IN ({', '.join('?' * len(chunk))})", chunk
+            )
             found.update((name, (uid << 32) | count) for name, uid, count in rows)
         return {name: found.get(normal) for name, normal in stored.items()}
 
@@ -568,5 +564,3 @@ def _check_source(source) -> str:
     if not isinstance(source, str) or not source or len(source) > 64:
         raise InvalidPreferenceError(f"source must be 1 to 64 characters, got {source!r}")
     return check_text(source, "source")
-
-

@@ -10,14 +10,14 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from storage import _schema as S
+from storage.accounts import AccountsMixin
+from storage.collections import CollectionsMixin
+from storage.consistency import ConsistencyMixin
 from storage.errors import (
     SchemaVersionError,
     StoreError,
     disk_full_error,
 )
-from storage.accounts import AccountsMixin
-from storage.collections import CollectionsMixin
-from storage.consistency import ConsistencyMixin
 from storage.home import create_private_file, data_home
 from storage.preferences import PreferencesMixin
 from storage.records import (
@@ -28,24 +28,18 @@ DB_FILENAME = "clipbt.db"  # the default SQLite file inside the data home
 _PG_SCHEMA_LOCK = 0x636C697062740001  # pg_advisory_xact_lock key serialising schema setup
 
 
-
-
 @dataclass(frozen=True)
 class StoreConfig:
     """How a Store talks to its database."""
 
     busy_timeout_s: float = 30.0  # SQLite: how long a writer waits for another writer's lock
     sqlite_synchronous: str = "FULL"  # SQLite: FULL also survives power loss; NORMAL a process kill
-    index_dir: Path | None = (
-        None  # FAISS files; None: <sqlite dir>/indexes, else <data_home>/indexes
-    )
+    index_dir: Path | None = None  # FAISS files; None: <sqlite dir>/indexes, else <data_home>/indexes
     echo: bool = False  # log every SQL statement
 
     def __post_init__(self):
         if self.sqlite_synchronous not in ("NORMAL", "FULL", "EXTRA"):
-            raise StoreError(
-                f"sqlite_synchronous must be NORMAL, FULL or EXTRA, got {self.sqlite_synchronous!r}"
-            )
+            raise StoreError(f"sqlite_synchronous must be NORMAL, FULL or EXTRA, got {self.sqlite_synchronous!r}")
         if not self.busy_timeout_s > 0:
             raise StoreError(f"busy_timeout_s must be positive, got {self.busy_timeout_s!r}")
 
@@ -93,9 +87,7 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin)
         shown = url.render_as_string(hide_password=True)
         backend = url.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
-            raise StoreError(
-                f"unsupported database {shown!r}: use a sqlite:/// or postgresql:// URL"
-            )
+            raise StoreError(f"unsupported database {shown!r}: use a sqlite:/// or postgresql:// URL")
         in_file = backend == "sqlite" and url.database not in (None, "", ":memory:")
         if in_file:
             url = url.set(database=str(Path(url.database).expanduser()))
@@ -111,8 +103,9 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin)
         if backend == "postgresql" and "connect_timeout" not in url.query:
             connect_args["connect_timeout"] = 10  # an unreachable server fails in seconds, not minutes
         try:
-            engine = sa.create_engine(url, echo=config.echo, pool_pre_ping=backend != "sqlite",
-                                      connect_args=connect_args)
+            engine = sa.create_engine(
+                url, echo=config.echo, pool_pre_ping=backend != "sqlite", connect_args=connect_args
+            )
         except ImportError as exc:
             raise StoreError(
                 f"cannot open {shown!r}: {exc}; install the driver: pip install 'psycopg[binary]'"
@@ -124,7 +117,9 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin)
             store._init_schema()
         except sa.exc.OperationalError as exc:
             engine.dispose()
-            where = f"the server at {url.host or 'localhost'}:{url.port or 5432}" if backend == "postgresql" else "the file"
+            where = (
+                f"the server at {url.host or 'localhost'}:{url.port or 5432}" if backend == "postgresql" else "the file"
+            )
             reason = " ".join(str(exc.orig).split())
             if url.password:
                 reason = reason.replace(str(url.password), "***")
@@ -180,11 +175,7 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin)
             while version < S.SCHEMA_VERSION:
                 S.MIGRATIONS[version](conn)
                 version += 1
-                conn.execute(
-                    S.meta.update()
-                    .where(S.meta.c.key == "schema_version")
-                    .values(value=str(version))
-                )
+                conn.execute(S.meta.update().where(S.meta.c.key == "schema_version").values(value=str(version)))
         self.store_id = facts["store_id"]
         self.schema_version = version
 
@@ -219,6 +210,7 @@ class Store(CollectionsMixin, PreferencesMixin, ConsistencyMixin, AccountsMixin)
         """The folder of a collection's saved vector index (`indexer.vectors.collection`)."""
         return self.index_dir / f"collection-{self.collection(collection).id}"
 
+
 def _without_password(text: str) -> str:
     """`text` with the password of a URL-looking user:password@ part replaced by ***."""
     return re.sub(r"^((?:[^:/@]*://)?[^/:@]*:)[^@/]*@", r"\1***@", text)
@@ -238,8 +230,4 @@ def _configure_sqlite(engine: sa.Engine, config: StoreConfig) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql(
-            "BEGIN " + conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        )
-
-
+        conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get("sqlite_begin", "DEFERRED"))

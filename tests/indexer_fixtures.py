@@ -59,8 +59,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(side: int = 100_000) -> bytes:
     """A valid-header PNG claiming side x side pixels (10 gigapixels) in a few dozen bytes."""
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def make_bad_files(folder: Path) -> dict[str, str]:
@@ -73,7 +77,7 @@ def make_bad_files(folder: Path) -> dict[str, str]:
     picture(98, (64, 64)).save(buffer, "PNG")
     png = bytearray(buffer.getvalue())
     idat = png.index(b"IDAT")
-    png[idat + 8: idat + 40] = bytes(32)  # zero part of the compressed data: the CRC no longer matches
+    png[idat + 8 : idat + 40] = bytes(32)  # zero part of the compressed data: the CRC no longer matches
     files = {
         "empty.jpg": (b"", "empty"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),

@@ -8,10 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from indexer_fixtures import tiny_encoder
 from PIL import Image
 
-from indexer import world
-from engine.bt import GLOBAL_QUALITY_QUERY
 from engine.bench.datasets import (
     EmbeddingCache,
     PreferenceDataError,
@@ -21,7 +20,8 @@ from engine.bench.datasets import (
     load,
     load_world,
 )
-from indexer_fixtures import tiny_encoder
+from engine.bt import GLOBAL_QUALITY_QUERY
+from indexer import world
 
 
 def png_bytes(colour) -> bytes:
@@ -39,24 +39,26 @@ def save_images(folder, names):
 
 def test_pickapic_parquet_skips_and_counts_ties(tmp_path):
     red, blue, green, grey = (png_bytes(c) for c in ("red", "blue", "green", "grey"))
-    table = pa.table({
-        "are_different": [True, True, True, True],
-        "best_image_uid": ["b", "c", "", "x"],
-        "caption": ["a red fox", "a blue car", "a tie", "a grey cat"],
-        "created_at": pa.array([0, 1, 2, 3], pa.int64()),
-        "has_label": [True, True, True, True],
-        "image_0_uid": ["a", "c", "e", "x"],
-        "image_1_uid": ["b", "d", "f", "y"],
-        "jpg_0": pa.array([red, blue, red, grey], pa.binary()),
-        "jpg_1": pa.array([blue, green, green, red], pa.binary()),
-        "label_0": [0.0, 1.0, 0.5, 1.0],
-        "label_1": [1.0, 0.0, 0.5, 0.0],
-        "model_0": ["sd", "sd", "sd", "sd"],
-        "model_1": ["sdxl", "sdxl", "sdxl", "sdxl"],
-        "ranking_id": pa.array([10, 11, 12, 13], pa.int64()),
-        "user_id": pa.array([7, 7, 9, 9], pa.int64()),
-        "num_example_per_prompt": pa.array([1, 1, 1, 1], pa.int64()),
-    })
+    table = pa.table(
+        {
+            "are_different": [True, True, True, True],
+            "best_image_uid": ["b", "c", "", "x"],
+            "caption": ["a red fox", "a blue car", "a tie", "a grey cat"],
+            "created_at": pa.array([0, 1, 2, 3], pa.int64()),
+            "has_label": [True, True, True, True],
+            "image_0_uid": ["a", "c", "e", "x"],
+            "image_1_uid": ["b", "d", "f", "y"],
+            "jpg_0": pa.array([red, blue, red, grey], pa.binary()),
+            "jpg_1": pa.array([blue, green, green, red], pa.binary()),
+            "label_0": [0.0, 1.0, 0.5, 1.0],
+            "label_1": [1.0, 0.0, 0.5, 0.0],
+            "model_0": ["sd", "sd", "sd", "sd"],
+            "model_1": ["sdxl", "sdxl", "sdxl", "sdxl"],
+            "ranking_id": pa.array([10, 11, 12, 13], pa.int64()),
+            "user_id": pa.array([7, 7, 9, 9], pa.int64()),
+            "num_example_per_prompt": pa.array([1, 1, 1, 1], pa.int64()),
+        }
+    )
     path = tmp_path / "test-00000-of-00001.parquet"
     pq.write_table(table, path)
     assert detect_format(path) == "pickapic"
@@ -78,10 +80,20 @@ def test_hpdv2_test_json_all_untied_pairs_of_each_ranking(tmp_path):
     names = ["00000.jpg", "00001.jpg", "00002.jpg", "00003.jpg", "00004.jpg", "00005.jpg", "00006.jpg", "00007.jpg"]
     save_images(tmp_path / "test", names)  # HPD v2 ships test.json beside test/
     records = [
-        {"prompt": "a castle", "image_path": names[:4], "rank": [2, 1, 4, 3],
-         "raw_annotations": [[2, 1, 4, 3]], "user_hash": ["u1"]},
-        {"prompt": "a dog", "image_path": names[4:], "rank": [1, 2, 3, 4],
-         "raw_annotations": [[1, 2, 3, 4]], "user_hash": ["u2"]},
+        {
+            "prompt": "a castle",
+            "image_path": names[:4],
+            "rank": [2, 1, 4, 3],
+            "raw_annotations": [[2, 1, 4, 3]],
+            "user_hash": ["u1"],
+        },
+        {
+            "prompt": "a dog",
+            "image_path": names[4:],
+            "rank": [1, 2, 3, 4],
+            "raw_annotations": [[1, 2, 3, 4]],
+            "user_hash": ["u2"],
+        },
     ]
     (tmp_path / "test.json").write_text(json.dumps(records))
     assert detect_format(tmp_path / "test.json") == "hpdv2"
@@ -105,8 +117,13 @@ def test_imagereward_test_json_skips_tied_ranks(tmp_path):
     data = load(tmp_path / "test.json")
     assert len(data) == 5 and data.ties_skipped == 1
     pairs = {(data.images[p].name, data.images[r].name) for p, r in zip(data.preferred, data.rejected)}
-    assert pairs == {("a.webp", "b.webp"), ("a.webp", "c.webp"), ("a.webp", "d.webp"), ("b.webp", "d.webp"),
-                     ("c.webp", "d.webp")}
+    assert pairs == {
+        ("a.webp", "b.webp"),
+        ("a.webp", "c.webp"),
+        ("a.webp", "d.webp"),
+        ("b.webp", "d.webp"),
+        ("c.webp", "d.webp"),
+    }
 
 
 def test_ranked_json_missing_image_is_named(tmp_path):
@@ -131,7 +148,9 @@ def test_jsonl_pairs_with_users(tmp_path):
     data = load(tmp_path / "pairs.jsonl")
     assert len(data.images) == 3  # img/1.png is one image, used twice
     assert [(data.images[p].name, data.images[r].name) for p, r in zip(data.preferred, data.rejected)] == [
-        ("2.png", "1.png"), ("1.png", "3.png")]
+        ("2.png", "1.png"),
+        ("1.png", "3.png"),
+    ]
     assert data.users.tolist() == ["ann", "bob"]
 
 
@@ -148,8 +167,13 @@ def test_jsonl_without_users_and_bad_choice(tmp_path):
 def test_npz_shared_and_per_pair_queries(tmp_path):
     rng = np.random.default_rng(3)
     pref, rej = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
-    np.savez(tmp_path / "shared.npz", query=rng.normal(size=(1, 4)), preferred=pref, rejected=rej,
-             user=np.array(["a", "a", "b", "b", "b"]))
+    np.savez(
+        tmp_path / "shared.npz",
+        query=rng.normal(size=(1, 4)),
+        preferred=pref,
+        rejected=rej,
+        user=np.array(["a", "a", "b", "b", "b"]),
+    )
     data = load(tmp_path / "shared.npz")
     enc = encode(data)  # no encoder needed
     assert enc.queries.shape == (5, 4) and np.allclose(enc.queries, enc.queries[0])
@@ -170,7 +194,7 @@ def test_world_pairs_and_bayes_accuracy(tmp_path):
     assert len(data) == 30 and data.prompts is None and sorted(set(data.users)) == ["user0", "user1"]
     attrs = [a for _, a in world.read_collection(tmp_path / "w")]
     users = world.sample_users(2, seed=5)
-    for k, user in enumerate(users):
+    for _k, user in enumerate(users):
         mine = np.flatnonzero(data.users == user.name)
         pairs = [(attrs[data.preferred[i]], attrs[data.rejected[i]]) for i in mine]
         assert data.bayes[mine].mean() == pytest.approx(world.bayes_optimal_accuracy(user, pairs))
@@ -180,8 +204,10 @@ def test_world_pairs_and_bayes_accuracy(tmp_path):
 def test_encode_caches_images_by_content(tmp_path):
     save_images(tmp_path, ["1.png", "2.png", "3.png"])
     (tmp_path / "copy.png").write_bytes((tmp_path / "1.png").read_bytes())
-    lines = [{"prompt": "a red square", "image_a": "1.png", "image_b": "2.png", "preferred": "a"},
-             {"prompt": "a blue circle", "image_a": "3.png", "image_b": "copy.png", "preferred": "b"}]
+    lines = [
+        {"prompt": "a red square", "image_a": "1.png", "image_b": "2.png", "preferred": "a"},
+        {"prompt": "a blue circle", "image_a": "3.png", "image_b": "copy.png", "preferred": "b"},
+    ]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     data = load(tmp_path / "p.jsonl")
     encoder, cache = tiny_encoder(), EmbeddingCache(tmp_path / "cache")
@@ -191,8 +217,11 @@ def test_encode_caches_images_by_content(tmp_path):
     with np.load(file) as z:
         assert len(z["keys"]) == 3  # copy.png has the bytes of 1.png: encoded once
     np.testing.assert_array_equal(first.images[0], first.images[3])
-    np.testing.assert_allclose(first.images, encoder.encode_images(
-        torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in data.images])), atol=1e-5)
+    np.testing.assert_allclose(
+        first.images,
+        encoder.encode_images(torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in data.images])),
+        atol=1e-5,
+    )
     np.testing.assert_allclose(first.queries[1], encoder.encode_text([GLOBAL_QUALITY_QUERY])[0], atol=1e-6)
     stamp = file.stat().st_mtime_ns
     second = encode(data, encoder, query="pair", cache=cache)

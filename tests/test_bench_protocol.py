@@ -48,9 +48,16 @@ def synthetic(seed=0, m=600, d=8, k=120, strength=6.0, query="random", users=1, 
     queries = unit(rng.normal(size=(len(a), d))) if query == "pair" else np.repeat(x, len(a), axis=0)
     bayes = np.maximum(p, 1 - p)
     return EncodedDataset(
-        images=images, queries=queries, preferred=np.where(win, a, b), rejected=np.where(win, b, a),
-        users=np.array([f"u{o}" for o in owner]) if users > 1 else None, group=group, image_rank=rank,
-        bayes=bayes, bayes_pooled=bayes if users == 1 else None)
+        images=images,
+        queries=queries,
+        preferred=np.where(win, a, b),
+        rejected=np.where(win, b, a),
+        users=np.array([f"u{o}" for o in owner]) if users > 1 else None,
+        group=group,
+        image_rank=rank,
+        bayes=bayes,
+        bayes_pooled=bayes if users == 1 else None,
+    )
 
 
 def test_seeded_runs_are_reproducible_and_seed_matters():
@@ -65,8 +72,12 @@ def test_seeded_runs_are_reproducible_and_seed_matters():
 
 @pytest.mark.parametrize("kind", ["global", "pair", "ranked", "per_user"])
 def test_n_zero_equals_original_for_every_method(kind):
-    data = {"global": lambda: synthetic(), "pair": lambda: synthetic(query="pair"),
-            "ranked": lambda: synthetic(ranked=True, k=400), "per_user": lambda: synthetic(users=3, m=900)}[kind]()
+    data = {
+        "global": lambda: synthetic(),
+        "pair": lambda: synthetic(query="pair"),
+        "ranked": lambda: synthetic(ranked=True, k=400),
+        "per_user": lambda: synthetic(users=3, m=900),
+    }[kind]()
     small = {**SMALL, "eval_size": 60, "tune_size": 40} if kind == "pair" else SMALL  # pair: one query per eval pair
     result = pb.run(data, pb.BenchConfig(**small, per_user=kind == "per_user"))
     expected = set(pb.METHODS) if kind == "ranked" else set(pb.METHODS) - {"plackett_luce"}
@@ -80,7 +91,9 @@ def test_n_zero_equals_original_for_every_method(kind):
 def test_split_does_not_depend_on_the_sizes_and_splits_differ():
     data = synthetic(users=3, m=900)
     for per_user in (False, True):
-        small, large = (pb.BenchConfig(**{**SMALL, "sizes": sizes}, per_user=per_user) for sizes in ((0, 5), (0, 1, 50)))
+        small, large = (
+            pb.BenchConfig(**{**SMALL, "sizes": sizes}, per_user=per_user) for sizes in ((0, 5), (0, 1, 50))
+        )
         for a, b in zip(pb.split(data, small)[0], pb.split(data, large)[0]):
             for name in ("eval", "tune", "pool"):
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
@@ -93,8 +106,10 @@ def test_spreads_over_splits_and_draws():
     row = result.methods["original"]
     assert row["std_draws"] == [0.0] * 4 and row["std_splits"][0] > 0  # the unadapted query only sees the split
     assert all(len(result.hyperparameters[m]) == 3 for m in ("original", "bt"))
-    assert result.methods["bt"]["std"][3] >= max(result.methods["bt"]["std_draws"][3],
-                                                 result.methods["bt"]["std_splits"][3]) - 1e-12
+    assert (
+        result.methods["bt"]["std"][3]
+        >= max(result.methods["bt"]["std_draws"][3], result.methods["bt"]["std_splits"][3]) - 1e-12
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -103,8 +118,19 @@ def test_map_at_one_pair_is_never_below_no_adaptation(seed):
     seeded per-user data with queries that know nothing (random) or something (w) of the users' taste."""
     for query in ("random", "w"):
         data = synthetic(seed=seed, users=4, m=1600, d=16, query=query)
-        result = pb.run(data, pb.BenchConfig(sizes=(1, 5), repeats=10, tune_repeats=4, eval_size=200, tune_size=100,
-                                             splits=2, per_user=True, methods=("original", "map")))
+        result = pb.run(
+            data,
+            pb.BenchConfig(
+                sizes=(1, 5),
+                repeats=10,
+                tune_repeats=4,
+                eval_size=200,
+                tune_size=100,
+                splits=2,
+                per_user=True,
+                methods=("original", "map"),
+            ),
+        )
         assert result.methods["map"]["mean"][0] >= result.methods["original"]["mean"][0], (query, result.methods)
 
 
@@ -129,8 +155,10 @@ def test_known_answers_query_on_the_true_direction():
 def test_bt_approaches_the_bayes_optimal_accuracy():
     """Labels from BT along a hidden w, a query orthogonal to w: original is a coin flip, and BT with 200
     pairs recovers w well enough to come within 2 points of the Bayes-optimal accuracy (87.6%)."""
-    result = pb.run(synthetic(m=2500, d=8, strength=8.0), pb.BenchConfig(sizes=(0, 200), repeats=5, tune_repeats=2,
-                                                                           methods=("original", "bt")))
+    result = pb.run(
+        synthetic(m=2500, d=8, strength=8.0),
+        pb.BenchConfig(sizes=(0, 200), repeats=5, tune_repeats=2, methods=("original", "bt")),
+    )
     assert abs(result.methods["original"]["mean"][0] - 0.5) < 0.05
     assert result.oracle - 0.02 < result.methods["bt"]["mean"][1] <= result.oracle + 0.02
 
@@ -146,7 +174,8 @@ def test_tuning_never_sees_the_evaluation_pairs():
     methods = [m for m in pb.METHODS if m != "plackett_luce"]
     assert pb.tune(data, parts, methods, config) == pb.tune(flipped, parts, methods, config)
     assert pb.run(flipped, config).methods["original"]["mean"][0] == pytest.approx(
-        1 - pb.run(data, config).methods["original"]["mean"][0])
+        1 - pb.run(data, config).methods["original"]["mean"][0]
+    )
 
 
 def test_split_is_disjoint_keeps_groups_and_users():
@@ -155,8 +184,10 @@ def test_split_is_disjoint_keeps_groups_and_users():
     sets = [set(part.eval), set(part.tune), set(part.pool)]
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     assert sum(map(len, sets)) == len(data.preferred)
-    assert [len({data.group[i] for i in s} & {data.group[i] for i in t}) for s, t in
-            ((sets[0], sets[2]), (sets[1], sets[2]), (sets[0], sets[1]))] == [0, 0, 0]
+    assert [
+        len({data.group[i] for i in s} & {data.group[i] for i in t})
+        for s, t in ((sets[0], sets[2]), (sets[1], sets[2]), (sets[0], sets[1]))
+    ] == [0, 0, 0]
     users = synthetic(users=3, m=900)
     parts, skipped = pb.split(users, pb.BenchConfig(**SMALL, per_user=True))
     assert [p.user for p in parts] == ["u0", "u1", "u2"] and skipped == []
@@ -182,15 +213,18 @@ def batch_for(data, n, per_query):
     return pb._Batch(queries, np.repeat(np.arange(3), rows), train)
 
 
-@pytest.mark.parametrize("method,params", [
-    ("bt", {"lr": 3.0, "steps": 5, "beta": 10.0}),
-    ("map", {"prior_precision": 1.0, "beta": 10.0}),
-    ("bt_margin", {"lr": 3.0, "steps": 2, "beta": 1.0}),
-    ("bt_selected", {"lr": 1.0, "steps": 3, "beta": 10.0, "keep": 0.25}),
-    ("positive", {"lr": 0.3}),
-    ("rocchio", {"alpha": 1.0, "beta": 0.75, "gamma": 0.15}),
-    ("average_vector", {}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("bt", {"lr": 3.0, "steps": 5, "beta": 10.0}),
+        ("map", {"prior_precision": 1.0, "beta": 10.0}),
+        ("bt_margin", {"lr": 3.0, "steps": 2, "beta": 1.0}),
+        ("bt_selected", {"lr": 1.0, "steps": 3, "beta": 10.0, "keep": 0.25}),
+        ("positive", {"lr": 0.3}),
+        ("rocchio", {"alpha": 1.0, "beta": 0.75, "gamma": 0.15}),
+        ("average_vector", {}),
+    ],
+)
 def test_batched_methods_match_one_call_per_query(method, params):
     """The fast paths (adapt_batched, affine baselines) against the obvious loop over engine.bt."""
     data = synthetic()
@@ -213,8 +247,7 @@ def test_batched_methods_match_one_call_per_query(method, params):
                 keep = np.zeros(len(p), bool)
                 keep[np.argsort(-pb.pair_quality(gap, np.linalg.norm(p - r, axis=1), params["beta"]))[:2]] = True
             w = 1 / (1 + np.exp((gap - 0.1) / 0.05)) if method == "bt_margin" else None
-            want = bt.adapt(x, p[keep], r[keep], lr=params["lr"], steps=params["steps"], beta=params["beta"],
-                            weights=w)
+            want = bt.adapt(x, p[keep], r[keep], lr=params["lr"], steps=params["steps"], beta=params["beta"], weights=w)
         np.testing.assert_allclose(got[row], want, rtol=1e-4, atol=1e-5)
 
 

@@ -25,14 +25,20 @@ def autograd(loss_fn, x, *args, **kwargs):
     return xt.grad.numpy()
 
 
-@pytest.mark.parametrize("n,d,beta,weighted", [
-    (1, 4, 1.0, False), (7, 16, 1.0, True), (50, 512, 3.0, False), (13, 64, 0.25, True), (200, 32, 10.0, True),
-])
+@pytest.mark.parametrize(
+    "n,d,beta,weighted",
+    [
+        (1, 4, 1.0, False),
+        (7, 16, 1.0, True),
+        (50, 512, 3.0, False),
+        (13, 64, 0.25, True),
+        (200, 32, 10.0, True),
+    ],
+)
 def test_closed_form_gradient_equals_autograd(n, d, beta, weighted):
     x, p, r, rng = problem(n * d, n, d)
     w = rng.uniform(0, 2, size=n) if weighted else None
-    want = autograd(bt.preference_loss, x, p, r, beta=beta,
-                    weights=None if w is None else torch.tensor(w))
+    want = autograd(bt.preference_loss, x, p, r, beta=beta, weights=None if w is None else torch.tensor(w))
     got = bt.preference_gradient(x, p, r, beta=beta, weights=w)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # and the closed form is eq. 4 literally: mean of w * beta * (p1 - 1) * (y1 - y2)
@@ -82,12 +88,15 @@ def test_numpy_in_numpy_out_torch_in_torch_out():
     np.testing.assert_allclose(out_t.numpy(), bt.adapt(x, p, r))
 
 
-@pytest.mark.parametrize("counts,shuffle", [
-    ([0, 1, 3, 7, 0, 2, 50, 5, 1], False),  # ragged, including users with no pairs: padded blocks
-    ([4, 4, 4, 4, 4, 4, 4, 4, 4], False),  # uniform and grouped: a view, no padding
-    ([3, 3, 0, 3, 3, 0, 3, 3, 3], True),  # uniform but interleaved owners: padded path again
-    ([0, 0, 0, 0, 6, 0, 0, 0, 0], False),  # one user
-])
+@pytest.mark.parametrize(
+    "counts,shuffle",
+    [
+        ([0, 1, 3, 7, 0, 2, 50, 5, 1], False),  # ragged, including users with no pairs: padded blocks
+        ([4, 4, 4, 4, 4, 4, 4, 4, 4], False),  # uniform and grouped: a view, no padding
+        ([3, 3, 0, 3, 3, 0, 3, 3, 3], True),  # uniform but interleaved owners: padded path again
+        ([0, 0, 0, 0, 6, 0, 0, 0, 0], False),  # one user
+    ],
+)
 def test_batched_equals_per_user_loop(counts, shuffle):
     rng = np.random.default_rng(5)
     d, b = 24, 9
@@ -134,8 +143,9 @@ def test_span_form_equals_adapt(normalize):
     got = bt.adapt_many(queries, sets, weights, lr=0.7, steps=5, beta=2.0, normalize=normalize)
     assert sets[4].gram is None and sets[3].gram is not None
     for b, (p, r) in enumerate(raw):
-        want = bt.adapt(queries[b].astype(np.float64), p, r, lr=0.7, steps=5, beta=2.0, weights=weights[b],
-                        normalize=normalize)
+        want = bt.adapt(
+            queries[b].astype(np.float64), p, r, lr=0.7, steps=5, beta=2.0, weights=weights[b], normalize=normalize
+        )
         np.testing.assert_allclose(got[b], want, atol=2e-5)
     # the device path (stacked differences, adapt_batched's padded steps) on the CPU, and on CUDA when there is one
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
@@ -229,7 +239,9 @@ def test_plackett_luce_gradient_equals_autograd(r_, m, d, beta):
     rankings = unit_rows(rng, r_ * m, d).reshape(r_, m, d)
     lengths = rng.integers(2, m + 1, size=r_)
     w = rng.uniform(0, 2, size=r_)
-    want = autograd(bt.plackett_luce_loss, x, rankings, lengths=torch.tensor(lengths), beta=beta, weights=torch.tensor(w))
+    want = autograd(
+        bt.plackett_luce_loss, x, rankings, lengths=torch.tensor(lengths), beta=beta, weights=torch.tensor(w)
+    )
     np.testing.assert_allclose(bt.plackett_luce_gradient(x, rankings, lengths, beta=beta, weights=w), want, atol=1e-5)
 
 
@@ -237,9 +249,10 @@ def test_plackett_luce_reduces_to_bt_for_two_items():
     x, p, r, _ = problem(7, 11, 16)
     rankings = np.stack([p, r], axis=1)
     np.testing.assert_allclose(bt.plackett_luce_loss(x, rankings, beta=1.7), bt.preference_loss(x, p, r, beta=1.7))
-    np.testing.assert_allclose(bt.plackett_luce_gradient(x, rankings, beta=1.7), bt.preference_gradient(x, p, r, beta=1.7))
-    np.testing.assert_allclose(bt.adapt_plackett_luce(x, rankings, lr=0.5, steps=3),
-                               bt.adapt(x, p, r, lr=0.5, steps=3))
+    np.testing.assert_allclose(
+        bt.plackett_luce_gradient(x, rankings, beta=1.7), bt.preference_gradient(x, p, r, beta=1.7)
+    )
+    np.testing.assert_allclose(bt.adapt_plackett_luce(x, rankings, lr=0.5, steps=3), bt.adapt(x, p, r, lr=0.5, steps=3))
 
 
 def test_plackett_luce_loss_is_sequential_choice_probability():
@@ -264,21 +277,32 @@ def test_baselines_match_their_formulas():
 def test_empty_pair_sets_are_a_documented_no_op():
     x, _, _, _ = problem(10, 1, 8)
     empty = np.zeros((0, 8))
-    for out in (bt.adapt(x, empty, empty), bt.positive_only(x, empty), bt.rocchio(x, empty, empty),
-                bt.average_vector(x, empty, empty), bt.adapt_plackett_luce(x, np.zeros((0, 3, 8)))):
+    for out in (
+        bt.adapt(x, empty, empty),
+        bt.positive_only(x, empty),
+        bt.rocchio(x, empty, empty),
+        bt.average_vector(x, empty, empty),
+        bt.adapt_plackett_luce(x, np.zeros((0, 3, 8))),
+    ):
         np.testing.assert_array_equal(out, x)
     assert bt.preference_loss(x, empty, empty) == 0
     np.testing.assert_array_equal(bt.preference_gradient(x, empty, empty), np.zeros(8))
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda x, p, r: (np.where(np.arange(8) == 3, np.nan, x), p, r), r"x\[3\] is nan"),
-    (lambda x, p, r: (x, p, np.vstack([r[:1], np.full((1, 8), np.inf)])), r"rejected\[1, 0\] is inf"),
-    (lambda x, p, r: (x, np.vstack([p[:1], np.zeros((1, 8))]), r), r"preferred\[1\] is a zero vector"),
-    (lambda x, p, r: (x, p[:, :7], r[:, :7]), r"preferred must have shape \(N, 8\) to match the query, got \(2, 7\)"),
-    (lambda x, p, r: (x, p, r[:1]), r"preferred has 2 rows but rejected has 1"),
-    (lambda x, p, r: (x[None], p, r), r"x must be one vector of shape \(d,\), got shape \(1, 8\)"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda x, p, r: (np.where(np.arange(8) == 3, np.nan, x), p, r), r"x\[3\] is nan"),
+        (lambda x, p, r: (x, p, np.vstack([r[:1], np.full((1, 8), np.inf)])), r"rejected\[1, 0\] is inf"),
+        (lambda x, p, r: (x, np.vstack([p[:1], np.zeros((1, 8))]), r), r"preferred\[1\] is a zero vector"),
+        (
+            lambda x, p, r: (x, p[:, :7], r[:, :7]),
+            r"preferred must have shape \(N, 8\) to match the query, got \(2, 7\)",
+        ),
+        (lambda x, p, r: (x, p, r[:1]), r"preferred has 2 rows but rejected has 1"),
+        (lambda x, p, r: (x[None], p, r), r"x must be one vector of shape \(d,\), got shape \(1, 8\)"),
+    ],
+)
 def test_bad_inputs_raise_a_clear_error(mutate, message):
     x, p, r, _ = problem(11, 2, 8)
     with pytest.raises(bt.AdaptationInputError, match=message):

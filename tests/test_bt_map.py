@@ -14,14 +14,24 @@ def unit_rows(rng, n, d):
 
 def problem(seed, n, d):
     rng = np.random.default_rng(seed)
-    return unit_rows(rng, 1, d)[0].astype(np.float32), unit_rows(rng, n, d).astype(np.float32), \
-        unit_rows(rng, n, d).astype(np.float32), rng
+    return (
+        unit_rows(rng, 1, d)[0].astype(np.float32),
+        unit_rows(rng, n, d).astype(np.float32),
+        unit_rows(rng, n, d).astype(np.float32),
+        rng,
+    )
 
 
-@pytest.mark.parametrize("n,d,lam,beta,weighted", [
-    (1, 8, 3.0, 10.0, False), (5, 16, 0.1, 10.0, True), (50, 128, 3.0, 10.0, False), (20, 32, 0.01, 30.0, True),
-    (40, 16, 1.0, 3.0, False),  # more pairs than dimensions: no Gram, solved in x
-])
+@pytest.mark.parametrize(
+    "n,d,lam,beta,weighted",
+    [
+        (1, 8, 3.0, 10.0, False),
+        (5, 16, 0.1, 10.0, True),
+        (50, 128, 3.0, 10.0, False),
+        (20, 32, 0.01, 30.0, True),
+        (40, 16, 1.0, 3.0, False),  # more pairs than dimensions: no Gram, solved in x
+    ],
+)
 def test_span_newton_equals_full_space_newton(n, d, lam, beta, weighted):
     x0, p, r, rng = problem(n * d, n, d)
     w = rng.uniform(0, 2, size=n) if weighted else None
@@ -72,8 +82,9 @@ def test_score_variance_equals_the_inverse_hessian():
     np.testing.assert_allclose(fit.curvature[0], beta * beta * s * (1 - s), rtol=1e-5)
     cov = np.linalg.inv(lam * np.eye(d) + (diffs.T * fit.curvature[0]) @ diffs)
     v = rng.normal(size=(6, d))
-    np.testing.assert_allclose(bt.score_variance(pairs, fit.curvature[0], v, lam), np.einsum("kd,de,ke->k", v, cov, v),
-                               rtol=1e-8)
+    np.testing.assert_allclose(
+        bt.score_variance(pairs, fit.curvature[0], v, lam), np.einsum("kd,de,ke->k", v, cov, v), rtol=1e-8
+    )
     np.testing.assert_allclose(bt.score_variance(None, [], v, lam), (v * v).sum(1) / lam)
 
 

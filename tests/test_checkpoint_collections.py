@@ -31,8 +31,18 @@ def save_checkpoint(path, seed):
 
 
 def index(home, folder, checkpoint):
-    return run(home, "index", str(folder), "--model", TEST_MODEL, "--pretrained", str(checkpoint),
-               "--workers", "0", "--no-progress")
+    return run(
+        home,
+        "index",
+        str(folder),
+        "--model",
+        TEST_MODEL,
+        "--pretrained",
+        str(checkpoint),
+        "--workers",
+        "0",
+        "--no-progress",
+    )
 
 
 def search(home):

@@ -25,10 +25,24 @@ def indexed(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(12):
         pixels = np.full((32, 32, 3), COLOURS[i % len(COLOURS)], dtype=np.uint8)
-        pixels[rng.integers(0, 24):, rng.integers(0, 24):] = 255 - i * 20
+        pixels[rng.integers(0, 24) :, rng.integers(0, 24) :] = 255 - i * 20
         Image.fromarray(pixels).save(pictures / f"img{i:02d}.png")
-    result = CliRunner().invoke(main, ["--home", str(home), "index", str(pictures), "--model", TEST_MODEL,
-                                       "--pretrained", "random", "--workers", "0", "--no-progress"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--home",
+            str(home),
+            "index",
+            str(pictures),
+            "--model",
+            TEST_MODEL,
+            "--pretrained",
+            "random",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return home, pictures
 
@@ -80,8 +94,25 @@ def test_search_json_and_prefer_moves_an_image_up(run, indexed):
 def test_search_options_reach_the_adaptation(run):
     run("prefer", "--user", "ann", "--query", "q", "3", "4")
     default = _json(run("search", "q", "--user", "ann", "-k", "12", "--json"))
-    stronger = _json(run("search", "q", "--user", "ann", "-k", "12", "--json", "--lr", "5", "--steps", "7",
-                         "--beta", "2", "--scope", "all"))
+    stronger = _json(
+        run(
+            "search",
+            "q",
+            "--user",
+            "ann",
+            "-k",
+            "12",
+            "--json",
+            "--lr",
+            "5",
+            "--steps",
+            "7",
+            "--beta",
+            "2",
+            "--scope",
+            "all",
+        )
+    )
     assert [h["score"] for h in default] != [h["score"] for h in stronger]
 
 
@@ -125,7 +156,9 @@ def test_prefs_export_import_round_trip_and_users(run, tmp_path):
     run("users", "delete", "di")
     (tmp_path / "all.jsonl").write_text(exported)
     assert _json(run("prefs", "import", str(tmp_path / "all.jsonl"), "--json")) == {
-        "new": {"pair": 1, "ranking": 1, "feedback": 1}, "present": {"pair": 0, "ranking": 0, "feedback": 0}}
+        "new": {"pair": 1, "ranking": 1, "feedback": 1},
+        "present": {"pair": 0, "ranking": 0, "feedback": 0},
+    }
     strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "created"} for line in text.splitlines()]  # noqa: E731
     assert strip(run("prefs", "export").output) == strip(exported)
 
@@ -158,7 +191,10 @@ def test_errors(run, tmp_path):
     np.save(short, np.ones(3, dtype=np.float32))
     np.save(nan, np.r_[np.ones(31), np.nan].astype(np.float32))
     cases += [
-        (("search", "--vector", str(short)), "Error: query vector has shape (3,), but collection 'default' has dimension 32\n"),
+        (
+            ("search", "--vector", str(short)),
+            "Error: query vector has shape (3,), but collection 'default' has dimension 32\n",
+        ),
         (("search", "--vector", str(nan)), "Error: query vector[31] is nan: a query vector must be finite\n"),
     ]
     for args, message in cases:
@@ -176,7 +212,9 @@ def test_empty_collection_error(run):
         store.mark_deleted(store.image_ids("default"))
     result = run("search", "a cat")
     assert (result.exit_code, result.output) == (
-        1, "Error: collection 'default' has no images: add some with `clipbt index PATH`\n")
+        1,
+        "Error: collection 'default' has no images: add some with `clipbt index PATH`\n",
+    )
 
 
 def _commands(group, prefix=()):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indexer.world import generate
 from indexer.default_model import DEFAULT_MODEL_NAME, load_default_model, register, weights_path
 from indexer.default_model.quality import measure
+from indexer.world import generate
 
 FLOOR = 0.8  # on 200 held-out images; benchmarks/eval_default_model.py measures 5000 against the README's figures
 

@@ -10,8 +10,9 @@ from indexer.world import generate
 
 def test_demo_taste_share_improves_after_adaptation(tmp_path):
     lines = []
-    result = run_demo(tmp_path, DemoConfig(images=400, questions=20, candidates=40, k=10),
-                      echo=lines.append, progress=False)
+    result = run_demo(
+        tmp_path, DemoConfig(images=400, questions=20, candidates=40, k=10), echo=lines.append, progress=False
+    )
     assert result.answers == 20
     assert len(result.before) == len(result.after) == 10
     assert result.share_after > result.share_before, "\n".join(lines)

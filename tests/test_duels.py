@@ -70,8 +70,10 @@ def test_without_pairs_thompson_favours_the_likely_best(scene):
     ids, y, x0, _, _ = scene
     post = posterior(y, x0)
     rank = np.argsort(np.argsort(-post.mean))
-    firsts = [rank[ids.index(choose_duel(ids, y, x0, rng=np.random.default_rng(s), strategy="thompson")[0])]
-              for s in range(200)]
+    firsts = [
+        rank[ids.index(choose_duel(ids, y, x0, rng=np.random.default_rng(s), strategy="thompson")[0])]
+        for s in range(200)
+    ]
     assert np.mean(firsts) < 0.8 * (len(ids) - 1) / 2  # a uniform pick averages rank 14.5
 
 

@@ -46,8 +46,10 @@ def make_collection(store, n=60, seed=0, name="default"):
     side = np.where(np.arange(n) < n // 2, 1.0, -1.0)[:, None]
     vectors = _unit(rng.standard_normal((n, DIM)) + 1.5 * side * axis)
     coll = store.get_or_create_collection(name, TEST_MODEL, "random", DIM, "float32")
-    records = [ImageRecord(f"/img/{name}/{i:03d}.png", hashlib.sha256(f"{name}{i}".encode()).hexdigest(), 32, 32)
-               for i in range(n)]
+    records = [
+        ImageRecord(f"/img/{name}/{i:03d}.png", hashlib.sha256(f"{name}{i}".encode()).hexdigest(), 32, 32)
+        for i in range(n)
+    ]
     ids = np.array(store.add_images(coll.id, records, vectors), dtype=np.int64)
     return coll, ids, vectors, axis
 
@@ -67,8 +69,14 @@ def reference_search(query, vectors, ids, pairs, k, config, live=None):
     x = np.asarray(query, dtype=np.float64)
     vec = {int(i): v.astype(np.float64) for i, v in zip(ids, vectors)}
     if config.method == "map" and pairs:
-        x = bt.map_adapt_reference(x, np.array([vec[w] for w, _ in pairs]), np.array([vec[l] for _, l in pairs]),
-                                   None, config.map.prior_precision, config.map.beta)
+        x = bt.map_adapt_reference(
+            x,
+            np.array([vec[w] for w, _ in pairs]),
+            np.array([vec[lose] for _, lose in pairs]),
+            None,
+            config.map.prior_precision,
+            config.map.beta,
+        )
     for _ in range(a.steps if pairs and config.method == "bt" else 0):
         grad = np.zeros_like(x)
         for win, lose in pairs:
@@ -80,10 +88,14 @@ def reference_search(query, vectors, ids, pairs, k, config, live=None):
     s = {int(i): float(vec[int(i)] @ x) for i in live}
     candidates = sorted(s, key=lambda i: -s[i])[: candidate_count(k, config)]
     where = {i: j for j, i in enumerate(candidates)}
-    comparisons = [(where[w], where[l]) for w, l in pairs if w in where and l in where]
-    theta = fit_strengths(config.beta * np.array([s[i] for i in candidates]),
-                          [w for w, _ in comparisons], [l for _, l in comparisons],
-                          prior_precision=config.rank.prior_precision, steps=config.rank.newton_steps)
+    comparisons = [(where[w], where[lose]) for w, lose in pairs if w in where and lose in where]
+    theta = fit_strengths(
+        config.beta * np.array([s[i] for i in candidates]),
+        [w for w, _ in comparisons],
+        [lose for _, lose in comparisons],
+        prior_precision=config.rank.prior_precision,
+        steps=config.rank.newton_steps,
+    )
     order = sorted(range(len(candidates)), key=lambda j: -theta[j])[:k]
     return [candidates[j] for j in order], theta[order], x
 
@@ -96,7 +108,9 @@ def test_plain_query_is_exact_nearest_neighbours(world):
     assert [h.id for h in hits] == expected
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([h.score for h in hits], theta, atol=1e-5)
-    np.testing.assert_allclose([h.similarity for h in hits], [vectors[ids == i][0] @ query for i in expected], atol=1e-5)
+    np.testing.assert_allclose(
+        [h.similarity for h in hits], [vectors[ids == i][0] @ query for i in expected], atol=1e-5
+    )
     assert hits[0].path == f"/img/default/{int(np.flatnonzero(ids == expected[0])[0]):03d}.png"
     assert hits[-1].p_next is not None and 0.5 <= hits[0].p_next <= 1
 
@@ -122,14 +136,16 @@ def test_personalised_search_equals_brute_force(world, method):
 @pytest.mark.parametrize("method,least", [("bt", 9), ("map", 8)])  # map's prior keeps more of the query
 def test_preferences_move_results_to_the_preferred_side(world, method, least):
     engine, ids, vectors, axis = world
-    side_a, side_b = ids[: len(ids) // 2], ids[len(ids) // 2:]
+    side_a, side_b = ids[: len(ids) // 2], ids[len(ids) // 2 :]
     direction = np.random.default_rng(7).standard_normal(DIM)
     neutral = _unit(direction - (direction @ axis) * axis)  # orthogonal to the axis splitting the two sides
     before = {h.id for h in engine.search(vector=neutral, user="bob", k=10)}
     rng = np.random.default_rng(1)
     for win, lose in zip(rng.choice(side_b, 10), rng.choice(side_a, 10)):
         engine.prefer("bob", "anything", int(win), int(lose))
-    after = {h.id for h in engine.search(vector=neutral, user="bob", k=10, config=SearchConfig(method=method, scope="all"))}
+    after = {
+        h.id for h in engine.search(vector=neutral, user="bob", k=10, config=SearchConfig(method=method, scope="all"))
+    }
     assert len(after & set(side_b)) >= least and len(before & set(side_b)) <= 6
     assert {h.id for h in engine.search(vector=neutral, k=10)} == before  # nobody else is affected
 
@@ -141,8 +157,14 @@ def test_batched_equals_one_by_one(world):
         for _ in range(6):
             i, j = rng.choice(len(ids), 2, replace=False)
             engine.prefer(user, rng.choice(["a cat", "a dog"]), int(ids[i]), int(ids[j]))
-    requests = [SearchRequest("a cat", "u0", 5), SearchRequest("a dog", "u1", 3), SearchRequest("a cat", None, 4),
-                SearchRequest("a dog", "u2", 7), SearchRequest("a cat", "nobody", 2), SearchRequest("a dog", "u0", 5)]
+    requests = [
+        SearchRequest("a cat", "u0", 5),
+        SearchRequest("a dog", "u1", 3),
+        SearchRequest("a cat", None, 4),
+        SearchRequest("a dog", "u2", 7),
+        SearchRequest("a cat", "nobody", 2),
+        SearchRequest("a dog", "u0", 5),
+    ]
     for scope in ("all", "query-kernel"):
         config = SearchConfig(scope=scope)
         batched = engine.search_many(requests, config)
@@ -167,8 +189,13 @@ def test_batch_with_direct_comparisons_equals_brute_force(world):
         pairs[user] += [(int(ids[i]), int(ids[j])) for i, j in rng.integers(0, len(ids), size=(4, 2)) if i != j]
         for win, lose in pairs[user]:
             engine.prefer(user, texts[n], win, lose)
-    requests = [SearchRequest(texts[0], "v0", 6), SearchRequest(texts[1], "v1", 9), SearchRequest(texts[2], None, 5),
-                SearchRequest(texts[2], "v2", 4), SearchRequest(texts[1], "v0", 7)]
+    requests = [
+        SearchRequest(texts[0], "v0", 6),
+        SearchRequest(texts[1], "v1", 9),
+        SearchRequest(texts[2], None, 5),
+        SearchRequest(texts[2], "v2", 4),
+        SearchRequest(texts[1], "v0", 7),
+    ]
     for request, hits in zip(requests, engine.search_many(requests, config)):
         query = engine.encode([request.query])[0]
         expected, theta, _ = reference_search(query, vectors, ids, pairs.get(request.user, []), request.k, config)
@@ -236,13 +263,18 @@ def test_caches_smaller_than_the_batch_give_the_same_results(world):
             engine.prefer(user, f"text {i}", int(ids[n + 5 * i]), int(ids[59 - n - i]))
     requests = [SearchRequest(f"text {i}", f"w{i % 3}", 5) for i in range(6)]
     want = engine.search_many(requests)
-    tiny = Engine(engine.store, engine.collection, encoder=engine.encoder,
-                  config=SearchConfig(text_cache_size=1, query_cache_size=1, user_cache_size=1))
+    tiny = Engine(
+        engine.store,
+        engine.collection,
+        encoder=engine.encoder,
+        config=SearchConfig(text_cache_size=1, query_cache_size=1, user_cache_size=1),
+    )
     for _ in range(2):  # cold, then with whatever the tiny caches kept
         got = tiny.search_many(requests)
         assert [[h.id for h in hits] for hits in got] == [[h.id for h in hits] for hits in want]
-        np.testing.assert_allclose([h.score for hits in got for h in hits], [h.score for hits in want for h in hits],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            [h.score for hits in got for h in hits], [h.score for hits in want for h in hits], atol=1e-6
+        )
     assert len(tiny._texts) == len(tiny._pairs) == len(tiny._adapted) == 1
     with pytest.raises(SearchInputError, match="user_cache_size must be >= 1, got 0"):
         SearchConfig(user_cache_size=0)
@@ -268,7 +300,9 @@ def test_kernel_weights_and_their_normalisation():
     np.testing.assert_allclose(pair_weights(q, texts, np.arange(3), np.ones(3), "all", 0.5), np.ones(3))
     g = np.random.default_rng(0).standard_normal((3, 4))  # per-pair gradients
     for w in (np.array([0.1, 0.2, 0.05]), np.array([1.0, 1.0, 2.0])):  # under / over one pair in total
-        np.testing.assert_allclose((effective_weights(w)[:, None] * g).mean(0), (w[:, None] * g).sum(0) / max(w.sum(), 1))
+        np.testing.assert_allclose(
+            (effective_weights(w)[:, None] * g).mean(0), (w[:, None] * g).sum(0) / max(w.sum(), 1)
+        )
 
 
 def test_kernel_scope_keeps_other_queries_out(world):
@@ -278,7 +312,9 @@ def test_kernel_scope_keeps_other_queries_out(world):
     kernel = SearchConfig(scope="query-kernel", bandwidth=0.01)
     plain = engine.search("a cat", k=5)
     assert [h.id for h in engine.search("a cat", user="eve", k=5, config=kernel)] == [h.id for h in plain]
-    assert [h.id for h in engine.search("a cat", user="eve", k=5, config=SearchConfig(scope="all"))] != [h.id for h in plain]
+    assert [h.id for h in engine.search("a cat", user="eve", k=5, config=SearchConfig(scope="all"))] != [
+        h.id for h in plain
+    ]
 
 
 def test_compare_is_the_bt_probability_of_the_adapted_query(world):
@@ -289,7 +325,9 @@ def test_compare_is_the_bt_probability_of_the_adapted_query(world):
     assert p == pytest.approx(1 / (1 + np.exp(-engine.config.beta * (s3 - s50))), abs=1e-6)
     assert engine.compare(None, "a cat", int(ids[50]), int(ids[3])) == pytest.approx(1 - p, abs=1e-6)
     engine.prefer("fay", "a cat", int(ids[50]), int(ids[3]))
-    assert engine.compare("fay", "a cat", int(ids[50]), int(ids[3])) > 1 - p + 0.25 * p  # a quarter of the way to certainty
+    assert (
+        engine.compare("fay", "a cat", int(ids[50]), int(ids[3])) > 1 - p + 0.25 * p
+    )  # a quarter of the way to certainty
 
 
 def test_torch_device_path_equals_numpy(world):
@@ -308,7 +346,11 @@ def test_torch_device_path_equals_numpy(world):
     [
         (SearchRequest("a cat", k=0), SearchInputError, "k must be a whole number >= 1, got 0"),
         (SearchRequest(None), SearchInputError, "a search needs query text or a vector, got query None"),
-        (SearchRequest(vector=np.ones(3)), SearchInputError, "query vector has shape (3,), but collection 'default' has dimension 32"),
+        (
+            SearchRequest(vector=np.ones(3)),
+            SearchInputError,
+            "query vector has shape (3,), but collection 'default' has dimension 32",
+        ),
         (SearchRequest(vector=np.r_[np.nan, np.ones(DIM - 1)]), SearchInputError, "query vector[0] is nan"),
         (SearchRequest(vector=np.zeros(DIM)), SearchInputError, "query vector is all zeros"),
     ],

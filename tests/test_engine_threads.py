@@ -4,11 +4,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from test_engine_search import encoder, make_collection  # noqa: F401  (the session encoder fixture)
 
 from engine.api import Clipbt
 from engine.search import SearchConfig
 from storage import Store
-from test_engine_search import encoder, make_collection  # noqa: F401  (the session encoder fixture)
 
 THREADS, REQUESTS = 8, 200
 TEXTS = ("a cat", "a dog", "a red circle", "a blue star")

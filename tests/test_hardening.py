@@ -56,16 +56,20 @@ def fill(store, n=12, seed=0, start=0):
     """n seeded images with unit embeddings in collection 'default' (uris /img/NNN.png); their ids."""
     rng = np.random.default_rng(seed)
     coll = store.get_or_create_collection("default", TEST_MODEL, "random", DIM, "float32")
-    records = [ImageRecord(f"/img/{i:03d}.png", hashlib.sha256(str(i).encode()).hexdigest(), 32, 32)
-               for i in range(start, start + n)]
+    records = [
+        ImageRecord(f"/img/{i:03d}.png", hashlib.sha256(str(i).encode()).hexdigest(), 32, 32)
+        for i in range(start, start + n)
+    ]
     return store.add_images(coll.id, records, _unit(rng.standard_normal((n, DIM))))
 
 
 def stored_rows(store) -> dict[str, int]:
     """Rows of every preference table: what "nothing stored" is checked against."""
     with store._engine.connect() as conn:
-        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar()
-                for t in ("users", "pairs", "rankings", "ranking_items")}
+        return {
+            t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar()
+            for t in ("users", "pairs", "rankings", "ranking_items")
+        }
 
 
 def nothing_stored(store) -> bool:
@@ -76,21 +80,27 @@ def nothing_stored(store) -> bool:
 
 
 def _lines(ids):
-    good = {"kind": "pair", "user": "ann", "collection": "default", "query": "a cat",
-            "preferred": ids[0], "rejected": "/img/001.png"}
+    good = {
+        "kind": "pair",
+        "user": "ann",
+        "collection": "default",
+        "query": "a cat",
+        "preferred": ids[0],
+        "rejected": "/img/001.png",
+    }
     return [
-        json.dumps(good).encode(),                                               # 1 good
-        b'{"kind": "pair", "user": "\xff\xfe"}',                                 # 2 not UTF-8
-        b"[1, 2]",                                                               # 3 JSON, not an object
-        json.dumps({**good, "kind": "ranking", "images": "12"}).encode(),        # 4 wrong type
+        json.dumps(good).encode(),  # 1 good
+        b'{"kind": "pair", "user": "\xff\xfe"}',  # 2 not UTF-8
+        b"[1, 2]",  # 3 JSON, not an object
+        json.dumps({**good, "kind": "ranking", "images": "12"}).encode(),  # 4 wrong type
         b'{"kind": "pair", "user": "ann", "collection": "default", "query": "\\ud800", '
-        b'"preferred": 1, "rejected": 2}',                                       # 5 lone surrogate
-        json.dumps({**good, "user": "a\x00b"}).encode(),                         # 6 NUL
-        json.dumps({**good, "preferred": 10**30}).encode(),                      # 7 id beyond int64
-        b"",                                                                     # 8 blank: skipped
-        json.dumps({**good, "query": "a dog"}).encode(),                         # 9 good
-        b"{not json",                                                            # 10
-        json.dumps({**good, "weight": "2"}).encode(),                            # 11 weight a string
+        b'"preferred": 1, "rejected": 2}',  # 5 lone surrogate
+        json.dumps({**good, "user": "a\x00b"}).encode(),  # 6 NUL
+        json.dumps({**good, "preferred": 10**30}).encode(),  # 7 id beyond int64
+        b"",  # 8 blank: skipped
+        json.dumps({**good, "query": "a dog"}).encode(),  # 9 good
+        b"{not json",  # 10
+        json.dumps({**good, "weight": "2"}).encode(),  # 11 weight a string
     ]
 
 
@@ -134,12 +144,17 @@ def test_prefs_import_twice_is_a_no_op_with_counts(store):
     lines = [json.dumps(r) for r in export_preferences(store)]
     before = stored_rows(store)
     assert import_preferences(store, lines) == {
-        "new": {"pair": 0, "ranking": 0, "feedback": 0}, "present": {"pair": 2, "ranking": 1, "feedback": 1}}
+        "new": {"pair": 0, "ranking": 0, "feedback": 0},
+        "present": {"pair": 2, "ranking": 1, "feedback": 1},
+    }
     assert stored_rows(store) == before
     store.delete_user("ann")
     store.delete_user("bo")
     first = import_preferences(store, lines)
-    assert first == {"new": {"pair": 2, "ranking": 1, "feedback": 1}, "present": {"pair": 0, "ranking": 0, "feedback": 0}}
+    assert first == {
+        "new": {"pair": 2, "ranking": 1, "feedback": 1},
+        "present": {"pair": 0, "ranking": 0, "feedback": 0},
+    }
     assert import_preferences(store, lines) == {"new": dict.fromkeys(first["new"], 0), "present": first["new"]}
     assert stored_rows(store) == before
     assert [json.dumps(r) for r in export_preferences(store)] == lines
@@ -148,10 +163,20 @@ def test_prefs_import_twice_is_a_no_op_with_counts(store):
 def test_prefs_import_cli_prints_new_and_present(tmp_path):
     with Store.open(home=tmp_path) as store:
         ids = fill(store)
-    record = {"kind": "pair", "user": "ann", "collection": "default", "query": "a cat", "preferred": ids[0],
-              "rejected": ids[1], "created": "2026-01-02T03:04:05.678901+00:00"}
+    record = {
+        "kind": "pair",
+        "user": "ann",
+        "collection": "default",
+        "query": "a cat",
+        "preferred": ids[0],
+        "rejected": ids[1],
+        "created": "2026-01-02T03:04:05.678901+00:00",
+    }
     (tmp_path / "a.jsonl").write_text(json.dumps(record) + "\n")
-    run = lambda: CliRunner().invoke(main, ["--home", str(tmp_path), "prefs", "import", str(tmp_path / "a.jsonl")])
+
+    def run():
+        return CliRunner().invoke(main, ["--home", str(tmp_path), "prefs", "import", str(tmp_path / "a.jsonl")])
+
     assert run().output == "imported: 1 pair, 0 ranking, 0 feedback\nalready present: 0 pair, 0 ranking, 0 feedback\n"
     assert run().output == "imported: 0 pair, 0 ranking, 0 feedback\nalready present: 1 pair, 0 ranking, 0 feedback\n"
 
@@ -159,28 +184,58 @@ def test_prefs_import_cli_prints_new_and_present(tmp_path):
 # -- text, names and ids: the same rules on SQLite and PostgreSQL, before any write -------------------
 
 
-@pytest.mark.parametrize(("call", "error", "message"), [
-    (lambda s, i: s.add_pair("a\x00", "q", i[0], i[1]), InvalidUserError,
-     "user name contains a NUL character (\\x00), which cannot be stored: 'a\\x00'"),
-    (lambda s, i: s.add_pair("ann", "a\x00cat", i[0], i[1]), LimitError,
-     "query text contains a NUL character (\\x00), which cannot be stored: 'a\\x00cat'"),
-    (lambda s, i: s.add_pair("ann\ud800", "q", i[0], i[1]), InvalidUserError,
-     "user name contains a lone surrogate '\\ud800' at character 3, which is not valid Unicode text"),
-    (lambda s, i: s.add_pair("ann", "x" * 1001, i[0], i[1]), LimitError,
-     "query text is 1001 characters long; the maximum is 1000"),
-    (lambda s, i: s.add_pair("a" * 129, "q", i[0], i[1]), InvalidUserError,
-     "user name is 129 characters long; the maximum is 128"),
-    (lambda s, i: s.add_pair("ali\u200bce", "q", i[0], i[1]), InvalidUserError,
-     "user name 'ali\\u200bce' contains the invisible or control character U+200B at position 3; "
-     "use visible characters only"),
-    (lambda s, i: s.add_pair("ann", "q", 2**63, i[1]), UnknownImageError,
-     "image id 9223372036854775808 is outside the range of ids (0 to 9223372036854775807)"),
-    (lambda s, i: s.add_pair("ann", "q", 2**31, i[1]), UnknownImageError, "unknown image id 2147483648"),
-    (lambda s, i: s.add_ranking("ann", "q", list(range(1, 102))), InvalidPreferenceError,
-     "a ranking holds at most 100 images, got 101: record the top of it, or several rankings"),
-    (lambda s, i: s.add_feedback("ann", "q", list(range(1, 60)), list(range(60, 102))), InvalidPreferenceError,
-     "one feedback marks at most 100 images, got 59 good and 42 bad"),
-])
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda s, i: s.add_pair("a\x00", "q", i[0], i[1]),
+            InvalidUserError,
+            "user name contains a NUL character (\\x00), which cannot be stored: 'a\\x00'",
+        ),
+        (
+            lambda s, i: s.add_pair("ann", "a\x00cat", i[0], i[1]),
+            LimitError,
+            "query text contains a NUL character (\\x00), which cannot be stored: 'a\\x00cat'",
+        ),
+        (
+            lambda s, i: s.add_pair("ann\ud800", "q", i[0], i[1]),
+            InvalidUserError,
+            "user name contains a lone surrogate '\\ud800' at character 3, which is not valid Unicode text",
+        ),
+        (
+            lambda s, i: s.add_pair("ann", "x" * 1001, i[0], i[1]),
+            LimitError,
+            "query text is 1001 characters long; the maximum is 1000",
+        ),
+        (
+            lambda s, i: s.add_pair("a" * 129, "q", i[0], i[1]),
+            InvalidUserError,
+            "user name is 129 characters long; the maximum is 128",
+        ),
+        (
+            lambda s, i: s.add_pair("ali\u200bce", "q", i[0], i[1]),
+            InvalidUserError,
+            "user name 'ali\\u200bce' contains the invisible or control character U+200B at position 3; "
+            "use visible characters only",
+        ),
+        (
+            lambda s, i: s.add_pair("ann", "q", 2**63, i[1]),
+            UnknownImageError,
+            "image id 9223372036854775808 is outside the range of ids (0 to 9223372036854775807)",
+        ),
+        (lambda s, i: s.add_pair("ann", "q", 2**31, i[1]), UnknownImageError, "unknown image id 2147483648"),
+        (
+            lambda s, i: s.add_ranking("ann", "q", list(range(1, 102))),
+            InvalidPreferenceError,
+            "a ranking holds at most 100 images, got 101: record the top of it, or several rankings",
+        ),
+        (
+            lambda s, i: s.add_feedback("ann", "q", list(range(1, 60)), list(range(60, 102))),
+            InvalidPreferenceError,
+            "one feedback marks at most 100 images, got 59 good and 42 bad",
+        ),
+    ],
+)
 def test_bad_text_names_and_ids_are_refused_before_writing(store, call, error, message):
     ids = fill(store)
     with pytest.raises(error) as caught:
@@ -203,12 +258,13 @@ def test_image_refs_are_plain_decimal_ids_or_known_paths(store):
     ids = fill(store)
     assert store.find_image("default", str(ids[3])).id == ids[3]
     assert store.find_image("default", "/img/004.png").id == ids[4]
-    for ref, message in [("\u00b9", "no image '¹' in collection 'default'"),
-                         ("\u0661\u0662", "no image '١٢' in collection 'default'"),
-                         ("+1", "no image '+1' in collection 'default'"),
-                         ("9" * 31, "image id 9999999999999999999999999999999 is outside the range of ids "
-                                    "(0 to 9223372036854775807)"),
-                         (2**40, "no image 1099511627776 in collection 'default'")]:
+    for ref, message in [
+        ("\u00b9", "no image '¹' in collection 'default'"),
+        ("\u0661\u0662", "no image '١٢' in collection 'default'"),
+        ("+1", "no image '+1' in collection 'default'"),
+        ("9" * 31, "image id 9999999999999999999999999999999 is outside the range of ids (0 to 9223372036854775807)"),
+        (2**40, "no image 1099511627776 in collection 'default'"),
+    ]:
         with pytest.raises(UnknownImageError) as caught:
             store.find_image("default", ref)
         assert str(caught.value) == message
@@ -268,25 +324,31 @@ def engine(store, encoder):
     return Engine(store, store.collection("default"), encoder=encoder, config=SearchConfig(scope="all"))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(k=LIMITS.k_max + 1), "k must be at most 10000, got 10001"),
-    (dict(k=10**30), "k must be at most 10000, got 1000000000000000000000000000000"),
-    (dict(k=41), "k is 41, but collection 'default' has 40 images: ask for at most 40"),
-    (dict(query="x" * 1001), "query text is 1001 characters long; the maximum is 1000"),
-    (dict(query="a\x00b"), "query text contains a NUL character (\\x00), which cannot be stored: 'a\\x00b'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(k=LIMITS.k_max + 1), "k must be at most 10000, got 10001"),
+        (dict(k=10**30), "k must be at most 10000, got 1000000000000000000000000000000"),
+        (dict(k=41), "k is 41, but collection 'default' has 40 images: ask for at most 40"),
+        (dict(query="x" * 1001), "query text is 1001 characters long; the maximum is 1000"),
+        (dict(query="a\x00b"), "query text contains a NUL character (\\x00), which cannot be stored: 'a\\x00b'"),
+    ],
+)
 def test_search_bounds(engine, kwargs, message):
     with pytest.raises((SearchInputError, LimitError)) as caught:
         engine.search(**{"query": "a cat", **kwargs})
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    (dict(steps=LIMITS.steps_max + 1), "steps must be a whole number from 0 to 100, got 101"),
-    (dict(lr=float("nan")), "lr must be a number in [0, 100], got nan"),
-    (dict(lr=1e9), "lr must be a number in [0, 100], got 1000000000.0"),
-    (dict(beta=0.0), "beta must be a number in (0, 1000], got 0.0"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(steps=LIMITS.steps_max + 1), "steps must be a whole number from 0 to 100, got 101"),
+        (dict(lr=float("nan")), "lr must be a number in [0, 100], got nan"),
+        (dict(lr=1e9), "lr must be a number in [0, 100], got 1000000000.0"),
+        (dict(beta=0.0), "beta must be a number in (0, 1000], got 0.0"),
+    ],
+)
 def test_adaptation_settings_are_bounded(changes, message):
     from dataclasses import replace
 
@@ -299,7 +361,10 @@ def test_compare_of_an_image_with_itself_is_refused(engine):
     ids = engine.store.image_ids("default")
     with pytest.raises(SearchInputError) as caught:
         engine.compare(None, "a cat", int(ids[2]), "/img/002.png")
-    assert str(caught.value) == f"compare needs two different images, got image {ids[2]} twice ({int(ids[2])!r} and '/img/002.png')"
+    assert (
+        str(caught.value)
+        == f"compare needs two different images, got image {ids[2]} twice ({int(ids[2])!r} and '/img/002.png')"
+    )
 
 
 def test_a_query_vector_whose_norm_overflows_float32_keeps_its_direction(engine):
@@ -313,17 +378,36 @@ def test_a_query_vector_whose_norm_overflows_float32_keeps_its_direction(engine)
 CLI_REFUSALS = [
     (("search", "--vector", "{v}", "-k", "1000000000"), "Error: k must be at most 10000, got 1000000000\n"),
     (("search", "--vector", "{v}", "-k", "9" * 31), f"Error: k must be at most 10000, got {'9' * 31}\n"),
-    (("search", "--vector", "{v}", "-k", "13"), "Error: k is 13, but collection 'default' has 12 images: ask for at most 12\n"),
-    (("search", "--vector", "{v}", "--steps", "1000000"), "Error: steps must be a whole number from 0 to 100, got 1000000\n"),
+    (
+        ("search", "--vector", "{v}", "-k", "13"),
+        "Error: k is 13, but collection 'default' has 12 images: ask for at most 12\n",
+    ),
+    (
+        ("search", "--vector", "{v}", "--steps", "1000000"),
+        "Error: steps must be a whole number from 0 to 100, got 1000000\n",
+    ),
     (("search", "--vector", "{v}", "--lr", "inf"), "Error: lr must be a number in [0, 100], got inf\n"),
-    (("prefer", "-u", "ann", "-q", "a cat", str(2**64), "2"),
-     "Error: image id 18446744073709551616 is outside the range of ids (0 to 9223372036854775807)\n"),
+    (
+        ("prefer", "-u", "ann", "-q", "a cat", str(2**64), "2"),
+        "Error: image id 18446744073709551616 is outside the range of ids (0 to 9223372036854775807)\n",
+    ),
     (("prefer", "-u", "ann", "-q", "a cat", "\u00b92", "2"), "Error: no image '¹2' in collection 'default'\n"),
-    (("prefer", "-u", "ann\u200b", "-q", "a cat", "1", "2"),
-     "Error: user name 'ann\\u200b' contains the invisible or control character U+200B at position 3; use visible characters only\n"),
-    (("prefer", "-u", "ann", "-q", "x" * 1001, "1", "2"), "Error: query text is 1001 characters long; the maximum is 1000\n"),
-    (("rank", "-u", "ann", "-q", "q", *map(str, range(1, 102))), "Error: a ranking holds at most 100 images, got 101: record the top of it, or several rankings\n"),
-    (("compare", "-q", "a cat", "3", "3"), "Error: compare needs two different images, got image 3 twice ('3' and '3')\n"),
+    (
+        ("prefer", "-u", "ann\u200b", "-q", "a cat", "1", "2"),
+        "Error: user name 'ann\\u200b' contains the invisible or control character U+200B at position 3; use visible characters only\n",
+    ),
+    (
+        ("prefer", "-u", "ann", "-q", "x" * 1001, "1", "2"),
+        "Error: query text is 1001 characters long; the maximum is 1000\n",
+    ),
+    (
+        ("rank", "-u", "ann", "-q", "q", *map(str, range(1, 102))),
+        "Error: a ranking holds at most 100 images, got 101: record the top of it, or several rankings\n",
+    ),
+    (
+        ("compare", "-q", "a cat", "3", "3"),
+        "Error: compare needs two different images, got image 3 twice ('3' and '3')\n",
+    ),
 ]
 
 
@@ -348,7 +432,7 @@ def test_new_pairs_extend_the_cached_state_as_a_full_reload_would(store, encoder
     coll = store.collection("default")
     cached = Engine(store, coll, encoder=encoder, config=SearchConfig(scope="all"))
     rng = np.random.default_rng(1)
-    for step in range(4):  # grows from below the dimension (a Gram matrix) to above it (none)
+    for _step in range(4):  # grows from below the dimension (a Gram matrix) to above it (none)
         for _ in range(12):
             a, b = rng.choice(ids, 2, replace=False)
             store.add_pair("ann", f"q{rng.integers(3)}", int(a), int(b))
@@ -356,18 +440,26 @@ def test_new_pairs_extend_the_cached_state_as_a_full_reload_would(store, encoder
         version = store.preference_version("ann")
         fast = cached._user_pairs("ann", version)
         slow = Engine(store, coll, encoder=encoder)._user_pairs("ann", version)
-        order = lambda p: np.lexsort((p.rejected, p.preferred))
+
+        def order(p):
+            return np.lexsort((p.rejected, p.preferred))
+
         f, s = order(fast), order(slow)
-        assert np.array_equal(fast.preferred[f], slow.preferred[s]) and np.array_equal(fast.rejected[f], slow.rejected[s])
+        assert np.array_equal(fast.preferred[f], slow.preferred[s]) and np.array_equal(
+            fast.rejected[f], slow.rejected[s]
+        )
         assert [fast.texts[i] for i in fast.text_of_pair[f]] == [slow.texts[i] for i in slow.text_of_pair[s]]
         assert np.allclose(fast.pair_set.diffs[f], slow.pair_set.diffs[s])
         if slow.pair_set.gram is None:
             assert fast.pair_set.gram is None
         else:
             assert np.allclose(fast.pair_set.gram[np.ix_(f, f)], slow.pair_set.gram[np.ix_(s, s)])
-        assert np.allclose(cached.search(vector=np.ones(DIM), user="ann", k=5)[0].similarity,
-                           Engine(store, coll, encoder=encoder, config=SearchConfig(scope="all"))
-                           .search(vector=np.ones(DIM), user="ann", k=5)[0].similarity)
+        assert np.allclose(
+            cached.search(vector=np.ones(DIM), user="ann", k=5)[0].similarity,
+            Engine(store, coll, encoder=encoder, config=SearchConfig(scope="all"))
+            .search(vector=np.ones(DIM), user="ann", k=5)[0]
+            .similarity,
+        )
 
 
 def test_only_the_most_recent_pairs_are_kept():
@@ -378,8 +470,16 @@ def test_only_the_most_recent_pairs_are_kept():
 
     def pairs(n, texts, version, first=0):
         y = _unit(rng.standard_normal((2 * n, DIM)))
-        return _UserPairs(version, np.arange(first, first + n), np.arange(first, first + n) + 1000, np.ones(n),
-                          texts, np.arange(n) % len(texts), PairSet.of(y[:n], y[n:]), (first + n, 0))
+        return _UserPairs(
+            version,
+            np.arange(first, first + n),
+            np.arange(first, first + n) + 1000,
+            np.ones(n),
+            texts,
+            np.arange(n) % len(texts),
+            PairSet.of(y[:n], y[n:]),
+            (first + n, 0),
+        )
 
     old, new = pairs(20, ("a", "b"), 1), pairs(10, ("a", "b", "c"), 2, first=20)
     joined = _append_pairs(old, new, cap=25)
@@ -387,8 +487,9 @@ def test_only_the_most_recent_pairs_are_kept():
     diffs = np.concatenate([old.pair_set.diffs, new.pair_set.diffs])[5:]
     assert np.allclose(joined.pair_set.diffs, diffs)
     assert np.allclose(joined.pair_set.gram, diffs.astype(np.float64) @ diffs.astype(np.float64).T)
-    assert [joined.texts[i] for i in joined.text_of_pair] == [("a", "b")[i % 2] for i in range(5, 20)] + \
-        [("a", "b", "c")[i % 3] for i in range(10)]
+    assert [joined.texts[i] for i in joined.text_of_pair] == [("a", "b")[i % 2] for i in range(5, 20)] + [
+        ("a", "b", "c")[i % 3] for i in range(10)
+    ]
     assert _keep_recent(old, cap=25) is old
 
 
@@ -431,9 +532,14 @@ def test_import_embeddings_refusals_name_the_problem_and_store_nothing(store, tm
     from indexer.errors import EmbeddingsFormatError
 
     vectors = _unit(np.random.default_rng(0).standard_normal((3, DIM)))
-    table = pa.table({"image_path": ["a", "b", "c"],
-                      "taken": pa.array([datetime.datetime(2026, 1, 1)] * 3, pa.timestamp("us")),
-                      "blob": pa.array([b"x"] * 3, pa.binary()), "score": [1.0, 2.0, 3.0]})
+    table = pa.table(
+        {
+            "image_path": ["a", "b", "c"],
+            "taken": pa.array([datetime.datetime(2026, 1, 1)] * 3, pa.timestamp("us")),
+            "blob": pa.array([b"x"] * 3, pa.binary()),
+            "score": [1.0, 2.0, 3.0],
+        }
+    )
     _layout(tmp_path / "ok", vectors, table)
     store.create_collection("other", "ViT-B-32", "openai", 512)
     with pytest.raises(EmbeddingsFormatError) as caught:
@@ -441,11 +547,14 @@ def test_import_embeddings_refusals_name_the_problem_and_store_nothing(store, tm
     assert str(caught.value) == (
         f"embeddings of {str(tmp_path / 'ok')!r} are {TEST_MODEL}/random (dim 32), but collection 'other' holds "
         "ViT-B-32/openai (dim 512): nothing imported; import into another --collection, or give the --model and "
-        "--pretrained they were made with")
+        "--pretrained they were made with"
+    )
     _layout(tmp_path / "cut", vectors, table)
     data = (tmp_path / "cut" / "img_emb" / "img_emb_0.npy").read_bytes()
     (tmp_path / "cut" / "img_emb" / "img_emb_0.npy").write_bytes(data[:-40])
-    with pytest.raises(EmbeddingsFormatError, match=r"img_emb_0.npy is not a readable .npy array \(truncated or damaged\?\)"):
+    with pytest.raises(
+        EmbeddingsFormatError, match=r"img_emb_0.npy is not a readable .npy array \(truncated or damaged\?\)"
+    ):
         import_embeddings(store, tmp_path / "cut", "default", TEST_MODEL, "random")
     _layout(tmp_path / "bad", vectors, table)
     (tmp_path / "bad" / "metadata" / "metadata_0.parquet").write_bytes(b"PAR1 not really")
@@ -454,9 +563,11 @@ def test_import_embeddings_refusals_name_the_problem_and_store_nothing(store, tm
     assert [c.name for c in store.collections()] == ["other"]
     report = import_embeddings(store, tmp_path / "ok", "default", TEST_MODEL, "random")
     assert (report.imported, report.rejected) == (3, [])
-    assert [im.metadata for im in store.images("default")] == [{"score": 1.0, "size_unknown": True},
-                                                             {"score": 2.0, "size_unknown": True},
-                                                             {"score": 3.0, "size_unknown": True}]
+    assert [im.metadata for im in store.images("default")] == [
+        {"score": 1.0, "size_unknown": True},
+        {"score": 2.0, "size_unknown": True},
+        {"score": 3.0, "size_unknown": True},
+    ]
 
 
 # -- index files: stale temporaries, a full disk, two runs at once -----------------------------------------
@@ -489,7 +600,8 @@ def test_a_full_database_disk_is_named_and_stores_nothing(tmp_path):
             store.add_images("default", records, vectors)
         assert str(caught.value) == (
             f"no space left on {tmp_path}: free some space and run the command again "
-            "(the unfinished write was discarded; what was stored before is intact)")
+            "(the unfinished write was discarded; what was stored before is intact)"
+        )
         assert len(store.image_ids("default")) == 2
 
 
@@ -562,7 +674,9 @@ def test_image_text_that_postgresql_cannot_store_is_refused_on_both(store):
     bad = ImageRecord("/img/a\x00.png", "0" * 64, 32, 32)
     with pytest.raises(InvalidRecordError) as caught:
         store.add_images(coll.id, [bad], np.ones((1, DIM), np.float32))
-    assert str(caught.value) == "record 0 uri contains a NUL character (\\x00), which cannot be stored: '/img/a\\x00.png'"
+    assert (
+        str(caught.value) == "record 0 uri contains a NUL character (\\x00), which cannot be stored: '/img/a\\x00.png'"
+    )
     assert store.images(coll.id) == []
 
 
@@ -573,8 +687,10 @@ def test_index_batch_sizes_are_bounded(tmp_path):
         IndexOptions(batch_size=LIMITS.batch_size_max + 1)
     assert str(caught.value) == "batch_size must be a whole number from 1 to 65536, got 65537"
     result = CliRunner().invoke(main, ["--home", str(tmp_path), "index", str(tmp_path), "--batch-size", "65537"])
-    assert result.exit_code == 2 and "Error: Invalid value for '--batch-size': 65537 is not in the range 1<=x<=65536." \
-        in result.output
+    assert (
+        result.exit_code == 2
+        and "Error: Invalid value for '--batch-size': 65537 is not in the range 1<=x<=65536." in result.output
+    )
 
 
 def test_export_shard_size_is_bounded(tmp_path):

@@ -33,7 +33,13 @@ def test_index_json_summary_and_exit_codes(tmp_path):
     result = run(tmp_path / "home", "index", str(tmp_path / "photos"), *MODEL, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) | {"seconds": None} == {
-        "collection": "default", "indexed": 4, "unchanged": 0, "removed": 0, "skipped": [], "seconds": None}
+        "collection": "default",
+        "indexed": 4,
+        "unchanged": 0,
+        "removed": 0,
+        "skipped": [],
+        "seconds": None,
+    }
     reasons = make_bad_files(tmp_path / "photos")
     result = run(tmp_path / "home", "index", str(tmp_path / "photos"), *MODEL, "--json")
     summary = json.loads(result.stdout)
@@ -70,10 +76,24 @@ def test_export_then_import_through_the_cli(tmp_path):
     assert run(home, "index", str(tmp_path / "photos"), *MODEL).exit_code == 0
     result = run(home, "export-embeddings", str(tmp_path / "out"), "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["rows"] == 3
-    result = run(home, "import-embeddings", str(tmp_path / "out"), "-c", "copy",
-                 "--model", TEST_MODEL, "--pretrained", "random", "--json")
+    result = run(
+        home,
+        "import-embeddings",
+        str(tmp_path / "out"),
+        "-c",
+        "copy",
+        "--model",
+        TEST_MODEL,
+        "--pretrained",
+        "random",
+        "--json",
+    )
     assert result.exit_code == 0 and json.loads(result.stdout) == {
-        "collection": "copy", "imported": 3, "unchanged": 0, "rejected": []}
+        "collection": "copy",
+        "imported": 3,
+        "unchanged": 0,
+        "rejected": [],
+    }
     result = run(home, "export-embeddings", str(tmp_path / "out"))
     assert result.exit_code == 1 and "already holds img_emb shards" in result.stderr
 

@@ -14,7 +14,12 @@ from indexer.errors import ModelUnavailableError
 
 def test_embeddings_are_unit_norm_float32():
     encoder = tiny_encoder()
-    assert (encoder.model_name, encoder.pretrained, encoder.dim, encoder.device.type) == (TEST_MODEL, "random", 32, "cpu")
+    assert (encoder.model_name, encoder.pretrained, encoder.dim, encoder.device.type) == (
+        TEST_MODEL,
+        "random",
+        32,
+        "cpu",
+    )
     text = encoder.encode_text(["a photo of a cat", "a dog"])
     pixels = torch.stack([encoder.preprocess(picture(i)) for i in range(3)])
     images = encoder.encode_images(pixels)
@@ -26,7 +31,7 @@ def test_embeddings_are_unit_norm_float32():
 def test_batched_encoding_equals_one_at_a_time():
     encoder = tiny_encoder()
     pixels = torch.stack([encoder.preprocess(picture(i)) for i in range(4)])
-    one_by_one = np.vstack([encoder.encode_images(pixels[i:i + 1]) for i in range(4)])
+    one_by_one = np.vstack([encoder.encode_images(pixels[i : i + 1]) for i in range(4)])
     np.testing.assert_allclose(encoder.encode_images(pixels), one_by_one, atol=1e-5)
 
 

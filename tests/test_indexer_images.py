@@ -20,12 +20,27 @@ def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("RGB", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("L", "JPEG"), ("1", "PNG"),
-     ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF")],
+    [
+        ("RGB", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("L", "JPEG"),
+        ("1", "PNG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("I;16", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("P", "GIF"),
+    ],
 )
 def test_every_mode_decodes_to_rgb(mode, fmt):
-    image = picture(1, (20, 12)).convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.arange(240, dtype=np.uint16).reshape(12, 20) * 273))
+    image = (
+        picture(1, (20, 12)).convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.arange(240, dtype=np.uint16).reshape(12, 20) * 273)
+    )
     decoded, width, height = decode(_encoded(image, fmt))
     assert decoded.mode == "RGB" and decoded.size == (20, 12) and (width, height) == (20, 12)
 

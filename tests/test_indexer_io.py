@@ -53,14 +53,23 @@ def test_bad_rows_are_rejected_by_number_and_the_rest_imported(store, tmp_path):
     rows = [{"url": f"https://example.org/{i}.jpg", "caption": f"c{i}", "width": 10, "height": 20} for i in range(6)]
     rows[4]["url"] = None
     second = unit_rows(2, seed=1)
-    write_layout(tmp_path / "emb", [(vectors, rows), (second, [{"url": "https://example.org/0.jpg"},
-                                                             {"url": "https://example.org/9.jpg"}])])
+    write_layout(
+        tmp_path / "emb",
+        [(vectors, rows), (second, [{"url": "https://example.org/0.jpg"}, {"url": "https://example.org/9.jpg"}])],
+    )
     report = import_embeddings(store, tmp_path / "emb", "web", TEST_MODEL, "random")
-    assert [(r.row, r.shard) for r in report.rejected] == [(1, "img_emb_0.npy"), (3, "img_emb_0.npy"),
-                                                           (4, "img_emb_0.npy"), (6, "img_emb_1.npy")]
+    assert [(r.row, r.shard) for r in report.rejected] == [
+        (1, "img_emb_0.npy"),
+        (3, "img_emb_0.npy"),
+        (4, "img_emb_0.npy"),
+        (6, "img_emb_1.npy"),
+    ]
     assert [r.reason for r in report.rejected] == [
-        "embedding is not finite", "embedding norm is 2, not 1 (within 0.01)", "no url",
-        "uri 'https://example.org/0.jpg' repeats row 0"]
+        "embedding is not finite",
+        "embedding norm is 2, not 1 (within 0.01)",
+        "no url",
+        "uri 'https://example.org/0.jpg' repeats row 0",
+    ]
     assert report.imported == 4
     image = store.find_image("web", "https://example.org/9.jpg")
     assert (image.width, image.height, image.metadata) == (1, 1, {"size_unknown": True})
@@ -79,7 +88,10 @@ def test_local_files_are_hashed_like_the_indexer_does(store, tmp_path):
 @pytest.mark.parametrize(
     ("shards", "message"),
     [
-        ([(unit_rows(2, d=16), [{"url": "a"}, {"url": "b"}])], r"have dimension 16, but clipbt-test-vit embeds in dimension 32: nothing imported"),
+        (
+            [(unit_rows(2, d=16), [{"url": "a"}, {"url": "b"}])],
+            r"have dimension 16, but clipbt-test-vit embeds in dimension 32: nothing imported",
+        ),
         ([(unit_rows(2), [{"url": "a"}])], r"has 2 rows but .* has 1"),
         ([(unit_rows(1), [{"path": "a"}])], r"no image_path or url column \(columns: path\)"),
     ],

@@ -33,8 +33,7 @@ def state(store: Store, collection: str = "default") -> dict[str, tuple[str, np.
 def test_good_files_indexed_bad_files_skipped_with_reasons(store, tmp_path):
     good = make_images(tmp_path / "photos", 10)
     reasons = make_bad_files(tmp_path / "photos" / "bad")
-    report = index_paths(store, [tmp_path / "photos"], encoder=tiny_encoder(), workers=0, batch_size=4,
-                         progress=False)
+    report = index_paths(store, [tmp_path / "photos"], encoder=tiny_encoder(), workers=0, batch_size=4, progress=False)
     assert (report.indexed, report.unchanged, report.removed) == (10, 0, 0)
     assert sorted(state(store)) == sorted(str(p) for p in good)
     assert [os.path.basename(s.path) for s in report.skipped] == sorted(reasons)
@@ -65,8 +64,9 @@ def test_remove_missing_only_touches_the_given_paths(store, tmp_path):
     make_images(tmp_path / "a", 2)
     make_images(tmp_path / "b", 2, start=10)
     index_paths(store, [tmp_path / "a", tmp_path / "b"], encoder=tiny_encoder(), workers=0, progress=False)
-    report = index_paths(store, [tmp_path / "b"], encoder=tiny_encoder(), workers=0, progress=False,
-                         remove_missing=True)
+    report = index_paths(
+        store, [tmp_path / "b"], encoder=tiny_encoder(), workers=0, progress=False, remove_missing=True
+    )
     assert report.removed == 0 and len(state(store)) == 4
 
 
@@ -76,8 +76,9 @@ def test_workers_give_the_same_result_as_in_process_decoding(tmp_path):
     results = []
     for workers in (0, 2):
         with Store.open(home=tmp_path / f"home{workers}") as store:
-            report = index_paths(store, [tmp_path / "photos"], encoder=tiny_encoder(), workers=workers,
-                                 batch_size=5, progress=False)
+            report = index_paths(
+                store, [tmp_path / "photos"], encoder=tiny_encoder(), workers=workers, batch_size=5, progress=False
+            )
             results.append((report.skipped, state(store)))
     (skips0, state0), (skips2, state2) = results
     assert skips0 == skips2 and state0.keys() == state2.keys()

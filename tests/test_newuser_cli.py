@@ -42,19 +42,44 @@ def index_dirs(home):
 
 # -- 3: --db and CLIPBT_DATABASE_URL ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["option", "env"])
 def test_a_sqlite_url_is_the_store_of_every_command(tmp_path, how):
     home, db = tmp_path / "home", f"sqlite:///{tmp_path / 'elsewhere' / 'my.db'}"
     make_images(tmp_path / "photos", 4)
     pre, env = (["--db", db], None) if how == "option" else ([], {"CLIPBT_DATABASE_URL": db})
     ok(clipbt("--home", home, *pre, "index", tmp_path / "photos", *MODEL, env=env))
-    ok(clipbt("--home", home, *pre, "prefer", "--user", "ann", "--query", "q",
-              tmp_path / "photos" / "img001.png", tmp_path / "photos" / "img002.jpg", env=env))
-    hits = json.loads(ok(clipbt("--home", home, *pre, "search", "q", "--user", "ann", "-k", "2", "--json", env=env)).stdout)
+    ok(
+        clipbt(
+            "--home",
+            home,
+            *pre,
+            "prefer",
+            "--user",
+            "ann",
+            "--query",
+            "q",
+            tmp_path / "photos" / "img001.png",
+            tmp_path / "photos" / "img002.jpg",
+            env=env,
+        )
+    )
+    hits = json.loads(
+        ok(clipbt("--home", home, *pre, "search", "q", "--user", "ann", "-k", "2", "--json", env=env)).stdout
+    )
     assert len(hits) == 2
     listing = ok(clipbt("--home", home, *pre, "collections", "--json", env=env))
-    assert json.loads(listing.stdout) == [{"name": "default", "model": TEST_MODEL, "pretrained": "random",
-                                           "dim": 32, "images": 4, "users": 1, "backend": "sqlite"}]
+    assert json.loads(listing.stdout) == [
+        {
+            "name": "default",
+            "model": TEST_MODEL,
+            "pretrained": "random",
+            "dim": 32,
+            "images": 4,
+            "users": 1,
+            "backend": "sqlite",
+        }
+    ]
     assert not (home / "clipbt.db").exists() and (tmp_path / "elsewhere" / "my.db").is_file()
     assert index_dirs(home) == ["collection-1"]  # index files stay under the data home
     assert not (tmp_path / "elsewhere" / "indexes").exists()
@@ -85,6 +110,7 @@ def test_an_unreachable_server_is_one_error_naming_the_host_never_the_password(t
 
 
 # -- 4: collections ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def two_collections(tmp_path):
@@ -144,8 +170,10 @@ def test_delete_asks_then_removes_images_embeddings_index_and_preferences(two_co
         assert [c.name for c in store.collections()] == ["b"] and store.users() == ["ann"]
         assert store.pairs("ann") == []
         with store._engine.connect() as conn:
-            counts = [conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar()
-                      for t in ("images", "embeddings", "rankings", "ranking_items")]
+            counts = [
+                conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar()
+                for t in ("images", "embeddings", "rankings", "ranking_items")
+            ]
     assert counts == [4, 4, 0, 0]
     gone = clipbt("--home", home, "collections", "delete", "a", "--yes")
     assert gone.exit_code == 1 and "unknown collection 'a'; existing: b" in gone.output
@@ -153,12 +181,15 @@ def test_delete_asks_then_removes_images_embeddings_index_and_preferences(two_co
 
 # -- 8 and 9: what search says ------------------------------------------------------------------
 
+
 def test_search_notes_a_user_without_preferences_here(two_collections):
     home, _ = two_collections
     known = ok(clipbt("--home", home, "search", "q", "-c", "a", "--user", "ann", "-k", "2"))
     assert known.stderr == ""
     typo = ok(clipbt("--home", home, "search", "q", "-c", "a", "--user", "anne", "-k", "2"))
-    assert typo.stderr.startswith("note: 'anne' is not a known user, so these are the plain results (did you mean 'ann'?)")
+    assert typo.stderr.startswith(
+        "note: 'anne' is not a known user, so these are the plain results (did you mean 'ann'?)"
+    )
     elsewhere = ok(clipbt("--home", home, "search", "q", "-c", "b", "--user", "ann", "-k", "2"))
     assert "'ann' has no preferences in collection 'b', so these are the plain results" in elsewhere.stderr
     plain = ok(clipbt("--home", home, "search", "q", "-c", "b", "-k", "2"))
@@ -171,11 +202,24 @@ def test_search_marks_results_whose_file_is_gone(two_collections):
     text = ok(clipbt("--home", home, "search", "q", "-c", "b", "-k", "4"))
     marked = [line for line in text.stdout.splitlines() if line.endswith("(missing)")]
     assert len(marked) == 1 and str(paths[2]) in marked[0]
-    assert "1 of these files are gone" in text.stderr and "clipbt index FOLDER --remove-missing --collection b" in text.stderr
+    assert (
+        "1 of these files are gone" in text.stderr
+        and "clipbt index FOLDER --remove-missing --collection b" in text.stderr
+    )
     hits = json.loads(ok(clipbt("--home", home, "search", "q", "-c", "b", "-k", "4", "--json")).stdout)
     assert {h["path"]: h["missing"] for h in hits} == {str(p): p == paths[2] for p in paths}
-    ok(clipbt("--home", home, "index", paths[0].parent.parent if paths[0].parent.name == "sub" else paths[0].parent,
-              "-c", "b", "--remove-missing", *MODEL))
+    ok(
+        clipbt(
+            "--home",
+            home,
+            "index",
+            paths[0].parent.parent if paths[0].parent.name == "sub" else paths[0].parent,
+            "-c",
+            "b",
+            "--remove-missing",
+            *MODEL,
+        )
+    )
     after = ok(clipbt("--home", home, "search", "q", "-c", "b", "-k", "3"))  # k may not exceed the 3 left
     assert "(missing)" not in after.stdout and after.stderr == ""
     assert not re.search(re.escape(str(paths[2])), after.stdout)

@@ -18,7 +18,7 @@ def test_the_demos_next_command_runs_as_printed(tmp_path):
     assert out.exit_code == 0, out.output
     last = out.output.strip().splitlines()[-1]
     assert last.startswith("Next: ")
-    command = shlex.split(last[len("Next: "):])
+    command = shlex.split(last[len("Next: ") :])
     env = {k: v for k, v in os.environ.items() if k != "CLIPBT_HOME"}  # a fresh shell: the default home
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert run.returncode == 0, run.stderr

@@ -18,8 +18,15 @@ from indexer.default_model.text import NumpyTextEncoder
 from indexer.encoder import GENERAL_MODEL, Encoder, TextEncoder, model_identity
 from indexer.world import write_collection
 
-TEXTS = ["a red circle", "A  Blue STAR!!", "café &amp; crème, 42 ümlauts", "", "x " * 50,
-         "an astronaut's rocket, isn't it?", "three small green triangles"]
+TEXTS = [
+    "a red circle",
+    "A  Blue STAR!!",
+    "café &amp; crème, 42 ümlauts",
+    "",
+    "x " * 50,
+    "an astronaut's rocket, isn't it?",
+    "three small green triangles",
+]
 
 
 def closed_port() -> int:
@@ -75,8 +82,12 @@ def test_hub_weights_without_network_fail_within_10_s_with_one_message(tmp_path,
     model, tag = GENERAL_MODEL
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot load weights for model {model!r} pretrained {tag!r}")
-    for needed in (str(tmp_path / "hf-cache"), "open_clip.create_model_and_transforms", "HF_HUB_OFFLINE",
-                   "--model clipbt-tiny"):
+    for needed in (
+        str(tmp_path / "hf-cache"),
+        "open_clip.create_model_and_transforms",
+        "HF_HUB_OFFLINE",
+        "--model clipbt-tiny",
+    ):
         assert needed in lines[0], needed
     assert ("HF_HUB_OFFLINE is set" in lines[0]) == offline
 

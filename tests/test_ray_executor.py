@@ -20,8 +20,9 @@ from indexer.pipeline import index_paths, open_index
 from indexer.ray_executor import RayOptions, plan_resources
 from storage import Store
 
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                               reason="ray[data] is not installed: pip install 'clipbt[ray]'")
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="ray[data] is not installed: pip install 'clipbt[ray]'"
+)
 BATCH = 8
 
 
@@ -73,8 +74,20 @@ def staged_files(home: Path) -> list[Path]:
 def test_ray_cli_gives_the_local_collection_and_a_rerun_embeds_nothing(ray_address, photos, local, tmp_path):
     local_report, want = local
     home = tmp_path / "home"
-    args = ["--home", str(home), "index", str(photos), "--model", "clipbt-tiny", "--executor", "ray", "--batch-size", str(BATCH),
-            "--no-progress", "--json"]
+    args = [
+        "--home",
+        str(home),
+        "index",
+        str(photos),
+        "--model",
+        "clipbt-tiny",
+        "--executor",
+        "ray",
+        "--batch-size",
+        str(BATCH),
+        "--no-progress",
+        "--json",
+    ]
     result = CliRunner().invoke(main, [*args, "--workers", "2"])
     assert result.exit_code == 3, result.output  # done, with the bad files skipped
     first = json.loads(result.stdout)
@@ -137,8 +150,14 @@ def test_killed_run_resumes_to_the_local_end_state(ray_address, photos, local, t
         assert len(store.images("default")) == committed  # the committed shard survived the kill
         from indexer.ray_executor import index_paths_ray
 
-        resumed = index_paths_ray(store, [photos], options=None, ray_options=RayOptions(staging=str(staging)),
-                                  batch_size=BATCH, progress=False)
+        resumed = index_paths_ray(
+            store,
+            [photos],
+            options=None,
+            ray_options=RayOptions(staging=str(staging)),
+            batch_size=BATCH,
+            progress=False,
+        )
         got = state(store)
     assert (resumed.salvaged, resumed.unchanged) == (written, committed + written)
     assert resumed.indexed == 30 - committed - written

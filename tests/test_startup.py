@@ -49,18 +49,23 @@ def test_importing_the_cli_loads_no_torch():
 
 
 def test_database_commands_load_no_torch(images, tmp_path):
-    assert heavy_modules_after_commands([
-        ["--help"],
-        ["prefer", "--user", "ann", "--query", "q", "/data/0.jpg", "/data/1.jpg"],
-        ["rank", "--user", "ann", "--query", "q", "/data/2.jpg", "/data/1.jpg", "/data/0.jpg"],
-        ["feedback", "--user", "bob", "--query", "q", "--good", "/data/3.jpg", "--bad", "/data/0.jpg"],
-        ["users"],
-        ["prefs", "list"],
-        ["prefs", "export", "--user", "ann", "--output", str(tmp_path / "ann.jsonl")],
-        ["users", "delete", "ann"],
-        ["prefs", "import", str(tmp_path / "ann.jsonl")],
-        ["export-embeddings", str(tmp_path / "embeddings")],
-    ]) == []
+    assert (
+        heavy_modules_after_commands(
+            [
+                ["--help"],
+                ["prefer", "--user", "ann", "--query", "q", "/data/0.jpg", "/data/1.jpg"],
+                ["rank", "--user", "ann", "--query", "q", "/data/2.jpg", "/data/1.jpg", "/data/0.jpg"],
+                ["feedback", "--user", "bob", "--query", "q", "--good", "/data/3.jpg", "--bad", "/data/0.jpg"],
+                ["users"],
+                ["prefs", "list"],
+                ["prefs", "export", "--user", "ann", "--output", str(tmp_path / "ann.jsonl")],
+                ["users", "delete", "ann"],
+                ["prefs", "import", str(tmp_path / "ann.jsonl")],
+                ["export-embeddings", str(tmp_path / "embeddings")],
+            ]
+        )
+        == []
+    )
     with Store.open(home=images) as store:
         assert store.users() == ["ann", "bob"] and len(store.pairs("ann")) == 4 and len(store.pairs("bob")) == 1
 
@@ -108,16 +113,20 @@ def run_without_faiss(commands: list[list[str]]) -> list[tuple[int, str]]:
 
 def test_without_faiss_everything_but_search_works_and_search_names_the_wheels(images, tmp_path):
     np.save(tmp_path / "query.npy", np.array([1, 0, 0, 0], dtype=np.float32))
-    outcomes = run_without_faiss([
-        ["prefer", "--user", "ann", "--query", "q", "/data/0.jpg", "/data/1.jpg"],
-        ["users"],
-        ["prefs", "export"],
-        ["info"],
-        ["search", "--vector", str(tmp_path / "query.npy"), "-k", "2"],
-    ])
+    outcomes = run_without_faiss(
+        [
+            ["prefer", "--user", "ann", "--query", "q", "/data/0.jpg", "/data/1.jpg"],
+            ["users"],
+            ["prefs", "export"],
+            ["info"],
+            ["search", "--vector", str(tmp_path / "query.npy"), "-k", "2"],
+        ]
+    )
     assert [code for code, _ in outcomes[:4]] == [0, 0, 0, 0], outcomes
     assert "ann" in outcomes[1][1] and '"preferred": "/data/0.jpg"' in outcomes[2][1]
     assert "faiss not installed" in outcomes[3][1]
     code, output = outcomes[4]
     assert code == 1 and "Traceback" not in output
-    assert "Error: FAISS is not installed" in output and "pip install faiss-cpu, or faiss-gpu on a CUDA machine" in output
+    assert (
+        "Error: FAISS is not installed" in output and "pip install faiss-cpu, or faiss-gpu on a CUDA machine" in output
+    )

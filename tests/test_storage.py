@@ -83,9 +83,7 @@ def test_bad_urls_are_refused_with_the_url():
 def test_unreachable_postgres_is_a_store_error():
     from storage.errors import StoreError
 
-    with pytest.raises(
-        StoreError, match="cannot open store 'postgresql\\+psycopg://u:\\*\\*\\*@127.0.0.1:9/x'"
-    ):
+    with pytest.raises(StoreError, match="cannot open store 'postgresql\\+psycopg://u:\\*\\*\\*@127.0.0.1:9/x'"):
         Store.open("postgresql://u:secret@127.0.0.1:9/x")
 
 
@@ -107,9 +105,7 @@ def test_collections(store):
         match="ViT-B-32/openai \\(dim 512\\), not ViT-L-14/openai \\(dim 768\\)",
     ):
         store.get_or_create_collection("photos", "ViT-L-14", "openai", 768)
-    with pytest.raises(
-        UnknownCollectionError, match="unknown collection 'nope'; existing: photos, art"
-    ):
+    with pytest.raises(UnknownCollectionError, match="unknown collection 'nope'; existing: photos, art"):
         store.collection("nope")
     with pytest.raises(InvalidRecordError, match="'sha256:abc'"):
         store.create_collection("x", "ViT-B-32", "sha256:abc", 512)
@@ -169,33 +165,21 @@ def test_float32_embeddings_are_exact(store):
 def test_bad_batches_store_nothing(store):
     coll, ids, _ = add_photos(store, n=2)
     good = ImageRecord("/new/a.jpg", sha("a"), 10, 10)
-    with pytest.raises(
-        InvalidRecordError, match="shape \\(1, 3\\); collection 'photos' needs \\(1, 8\\)"
-    ):
+    with pytest.raises(InvalidRecordError, match="shape \\(1, 3\\); collection 'photos' needs \\(1, 8\\)"):
         store.add_images(coll.id, [good], np.zeros((1, 3)))
-    with pytest.raises(
-        InvalidRecordError, match="row 1 \\('/new/b.jpg'\\) is not finite as float16"
-    ):
+    with pytest.raises(InvalidRecordError, match="row 1 \\('/new/b.jpg'\\) is not finite as float16"):
         store.add_images(
             coll.id,
             [good, ImageRecord("/new/b.jpg", sha("b"), 1, 1)],
             np.array([[0.0] * 8, [1e6] * 8]),
         )
-    with pytest.raises(
-        InvalidRecordError, match="sha256 must be 64 lowercase hex digits, got 'XYZ'"
-    ):
+    with pytest.raises(InvalidRecordError, match="sha256 must be 64 lowercase hex digits, got 'XYZ'"):
         store.add_images(coll.id, [ImageRecord("/new/c.jpg", "XYZ", 1, 1)], np.zeros((1, 8)))
     with pytest.raises(InvalidRecordError, match="width must be a positive int, got -1"):
         store.add_images(coll.id, [ImageRecord("/new/c.jpg", sha("c"), -1, 1)], np.zeros((1, 8)))
-    with pytest.raises(
-        DuplicateImageError, match=f"'/data/photos/1.jpg' is already image {ids[1]}"
-    ):
-        store.add_images(
-            coll.id, [good, ImageRecord("/data/photos/1.jpg", sha("d"), 1, 1)], np.zeros((2, 8))
-        )
-    with pytest.raises(
-        DuplicateImageError, match="appears twice in the batch \\(records 0 and 1\\)"
-    ):
+    with pytest.raises(DuplicateImageError, match=f"'/data/photos/1.jpg' is already image {ids[1]}"):
+        store.add_images(coll.id, [good, ImageRecord("/data/photos/1.jpg", sha("d"), 1, 1)], np.zeros((2, 8)))
+    with pytest.raises(DuplicateImageError, match="appears twice in the batch \\(records 0 and 1\\)"):
         store.add_images(coll.id, [good, good], np.zeros((2, 8)))
     assert [i.id for i in store.images(coll.id)] == ids
     assert store.check_consistency().ok
@@ -212,14 +196,10 @@ def test_find_image(store, tmp_path):
     assert store.find_image(coll.id, str(tmp_path / "x" / ".." / "cat.jpg")).id == cat
     with pytest.raises(UnknownImageError, match="no image '/nope.jpg' in collection 'photos'"):
         store.find_image(coll.id, "/nope.jpg")
-    with pytest.raises(
-        ForeignImageError, match=f"image {other_ids[0]} .* is in collection 'other', not 'photos'"
-    ):
+    with pytest.raises(ForeignImageError, match=f"image {other_ids[0]} .* is in collection 'other', not 'photos'"):
         store.find_image(coll.id, other_ids[0])
     store.mark_deleted([ids[0]])
-    with pytest.raises(
-        UnknownImageError, match=f"image {ids[0]} \\(/data/photos/0.jpg\\) was deleted"
-    ):
+    with pytest.raises(UnknownImageError, match=f"image {ids[0]} \\(/data/photos/0.jpg\\) was deleted"):
         store.find_image(coll.id, ids[0])
     with pytest.raises(UnknownImageError, match="unknown image id 999"):
         store.image(999)
@@ -260,9 +240,7 @@ def test_mark_deleted(store):
         store.mark_deleted([ids[0], 999])
     assert not store.image(ids[0]).deleted
     # a deleted uri may come back as a new image, with a new id
-    [again] = store.add_images(
-        coll.id, [ImageRecord("/data/photos/1.jpg", sha("x"), 1, 1)], np.zeros((1, 8))
-    )
+    [again] = store.add_images(coll.id, [ImageRecord("/data/photos/1.jpg", sha("x"), 1, 1)], np.zeros((1, 8)))
     assert again > max(ids)
 
 
@@ -283,9 +261,7 @@ def test_pairs_and_duplicates(store):
         (p2, "red car", ids[1], ids[0], 0.5, "click"),
         (p3, "red car", ids[0], ids[1], 1.0, "pair"),
     ]
-    assert all(
-        p.user == "ann" and p.collection_id == coll.id and p.ranking_id is None for p in pairs
-    )
+    assert all(p.user == "ann" and p.collection_id == coll.id and p.ranking_id is None for p in pairs)
 
 
 def test_bad_preferences_name_the_value(store):
@@ -308,13 +284,9 @@ def test_bad_preferences_name_the_value(store):
         store.add_pair("ann", "cat", ids[2], ids[1])
     with pytest.raises(InvalidPreferenceError, match="at least 2 images, got \\[" + str(ids[0])):
         store.add_ranking("ann", "cat", [ids[0]])
-    with pytest.raises(
-        InvalidPreferenceError, match=f"images \\[{ids[1]}\\] appear more than once"
-    ):
+    with pytest.raises(InvalidPreferenceError, match=f"images \\[{ids[1]}\\] appear more than once"):
         store.add_ranking("ann", "cat", [ids[1], ids[0], ids[1]])
-    with pytest.raises(
-        InvalidPreferenceError, match=f"images \\[{ids[0]}\\] are marked both good and bad"
-    ):
+    with pytest.raises(InvalidPreferenceError, match=f"images \\[{ids[0]}\\] are marked both good and bad"):
         store.add_feedback("ann", "cat", [ids[0]], [ids[0], ids[1]])
     with pytest.raises(UnknownUserError, match="unknown user 'bob'"):
         store.pairs("bob")
@@ -395,7 +367,10 @@ def test_preference_version_and_delete_user(store):
     store.ensure_user("ann")  # re-created: never an old version, so no stale cache hit
     assert store.preference_version("ann") not in versions
     assert store.preference_versions(["bob", "ann", "carol", "bob"]) == {
-        "ann": store.preference_version("ann"), "bob": store.preference_version("bob"), "carol": None}
+        "ann": store.preference_version("ann"),
+        "bob": store.preference_version("bob"),
+        "carol": None,
+    }
     many = store.preference_versions([f"nobody{i}" for i in range(1200)] + ["bob"])  # several IN chunks
     assert len(many) == 1201 and many["bob"] == store.preference_version("bob") and many["nobody7"] is None
 
@@ -421,9 +396,5 @@ def test_consistency_check_finds_damage(store):
 def test_sqlite_file_is_a_real_database(isolated_home):
     with Store.open() as store:
         add_photos(store, n=2)
-    rows = (
-        sqlite3.connect(isolated_home / "clipbt.db")
-        .execute("SELECT uri FROM images ORDER BY id")
-        .fetchall()
-    )
+    rows = sqlite3.connect(isolated_home / "clipbt.db").execute("SELECT uri FROM images ORDER BY id").fetchall()
     assert rows == [("/data/photos/0.jpg",), ("/data/photos/1.jpg",)]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from storage import ImageRecord, Store, _schema
 from indexer.vectors.collection import IndexFiles
 from indexer.vectors.faiss import FaissIndex
+from storage import ImageRecord, Store, _schema
 from storage.errors import SchemaVersionError
 
 V1_DUMP = Path(__file__).parent / "data" / "store_v1.sql"
@@ -23,9 +23,7 @@ V1_DUMP = Path(__file__).parent / "data" / "store_v1.sql"
 
 def add_photos(store, n):
     coll = store.get_or_create_collection("photos", "ViT-B-32", "openai", 4)
-    records = [
-        ImageRecord(f"/p/{i}.jpg", hashlib.sha256(b"%d" % i).hexdigest(), 8, 8) for i in range(n)
-    ]
+    records = [ImageRecord(f"/p/{i}.jpg", hashlib.sha256(b"%d" % i).hexdigest(), 8, 8) for i in range(n)]
     vectors = np.random.default_rng(0).standard_normal((n, 4))
     return coll, store.add_images(coll.id, records, vectors)
 
@@ -117,25 +115,17 @@ def test_sigkill_never_loses_an_acknowledged_write(isolated_home):
             lines = pipe.read().splitlines()
         for line in lines[1:]:
             kind, key, *rest = line.split()
-            if len(rest) == (
-                1 if kind == "image" else 2 if kind == "pair" else 3
-            ):  # a complete line
+            if len(rest) == (1 if kind == "image" else 2 if kind == "pair" else 3):  # a complete line
                 acked[kind][int(key)] = rest
         with Store.open() as store:
             report = store.check_consistency()
             assert report.ok, f"run {run}: {report}"
-            pairs = {
-                p.id: [str(p.preferred_id), str(p.rejected_id)]
-                for p in store.pairs("crash")
-                if p.id
-            }
+            pairs = {p.id: [str(p.preferred_id), str(p.rejected_id)] for p in store.pairs("crash") if p.id}
             assert {k: pairs.get(k) for k in acked["pair"]} == acked["pair"], f"run {run}"
             rankings = {r.id: [str(i) for i in r.image_ids] for r in store.rankings("crash")}
             assert {k: rankings.get(k) for k in acked["ranking"]} == acked["ranking"], f"run {run}"
             image_ids = sorted(acked["image"])
-            assert [[store.image(i).uri] for i in image_ids] == [
-                acked["image"][i] for i in image_ids
-            ]
+            assert [[store.image(i).uri] for i in image_ids] == [acked["image"][i] for i in image_ids]
             assert store.embeddings(coll.id, image_ids)[0].tolist() == image_ids
     assert min(len(v) for v in acked.values()) > 0, acked  # the kills did land mid-work
 
@@ -212,9 +202,7 @@ def test_v1_store_opens_with_everything_intact(isolated_home):
             store.embeddings(art.id)[1],
             np.float32([[0.04, -0.29, -0.78, -0.26], [0.01, -0.28, 1.29, 1.01]]),
         )
-        assert [
-            (p.query, p.preferred_id, p.rejected_id, p.weight, p.source) for p in store.pairs("ann")
-        ] == [
+        assert [(p.query, p.preferred_id, p.rejected_id, p.weight, p.source) for p in store.pairs("ann")] == [
             ("a cat", 1, 2, 1.0, "pair"),
             ("a dog", 3, 1, 0.5, "click"),
             ("a cat", 2, 3, 1.0, "ranking"),
@@ -225,9 +213,7 @@ def test_v1_store_opens_with_everything_intact(isolated_home):
         assert [(f.good_ids, f.bad_ids) for f in store.feedback("bob")] == [([3], [1, 2])]
         assert store.users() == ["ann", "bob"]
         # and it keeps working: new ids continue after the old ones
-        [new] = store.add_images(
-            photos.id, [ImageRecord("/n.jpg", "0" * 64, 1, 1)], np.ones((1, 4))
-        )
+        [new] = store.add_images(photos.id, [ImageRecord("/n.jpg", "0" * 64, 1, 1)], np.ones((1, 4)))
         assert new == 7
         assert store.add_pair("ann", "a cat", new, 1) == 4
 
@@ -290,9 +276,7 @@ def test_migrations_upgrade_in_one_transaction(store_url, monkeypatch):
 def test_a_newer_store_is_refused(store_url):
     with Store.open(store_url) as store:
         with store._engine.begin() as conn:
-            conn.execute(
-                sa.text("UPDATE clipbt_meta SET value = '99' WHERE key = 'schema_version'")
-            )
+            conn.execute(sa.text("UPDATE clipbt_meta SET value = '99' WHERE key = 'schema_version'"))
     with pytest.raises(
         SchemaVersionError, match=f"schema version 99, newer than this clipbt understands \\({CURRENT}\\)"
     ):

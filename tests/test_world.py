@@ -47,7 +47,7 @@ def test_different_seeds_differ():
 
 def test_an_image_depends_only_on_seed_and_index():
     img, attrs = generate_one(17, seed=5)
-    (img2, attrs2), = generate(1, seed=5, start=17)
+    ((img2, attrs2),) = generate(1, seed=5, start=17)
     assert attrs == attrs2 and np.array_equal(np.asarray(img), np.asarray(img2))
 
 
@@ -77,8 +77,25 @@ def test_attributes_cover_the_world():
     assert all((a.quality == "clean") == (a.quality_level == 0) for a in attrs)
 
 
-HIDDEN_WORDS = {"left", "right", "top", "bottom", "centre", "center", "corner", "blur", "blurry", "blurred",
-                "noise", "noisy", "jpeg", "compressed", "sharp", "clean", "quality"}
+HIDDEN_WORDS = {
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "centre",
+    "center",
+    "corner",
+    "blur",
+    "blurry",
+    "blurred",
+    "noise",
+    "noisy",
+    "jpeg",
+    "compressed",
+    "sharp",
+    "clean",
+    "quality",
+}
 PLURALS = {s + "s": s for s in SHAPES} | {"crosses": "cross"}
 
 

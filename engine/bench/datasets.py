@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from indexer import world
 from engine.bt import GLOBAL_QUALITY_QUERY
+from indexer import world
 from storage.errors import ClipbtError
 from storage.numeric import logistic
 
@@ -91,8 +91,13 @@ def detect_format(path: str | os.PathLike) -> str:
 def load(path: str | os.PathLike, fmt: str | None = None) -> PreferenceDataset:
     """Load a dataset file in layout `fmt` (detected when None). `world` is built by `load_world`."""
     fmt = fmt or detect_format(path)
-    loaders = {"pickapic": load_pickapic, "hpdv2": load_hpdv2, "imagereward": load_imagereward,
-               "jsonl": load_jsonl, "npz": load_npz}
+    loaders = {
+        "pickapic": load_pickapic,
+        "hpdv2": load_hpdv2,
+        "imagereward": load_imagereward,
+        "jsonl": load_jsonl,
+        "npz": load_npz,
+    }
     if fmt == "world":
         raise PreferenceDataError("the world dataset is built from a seed, not a file: use load_world")
     if fmt not in loaders:
@@ -130,8 +135,15 @@ def load_pickapic(path: Path) -> PreferenceDataset:
         rejected.append(lose)
         prompts.append(cap)
         users.append(str(user))
-    return PreferenceDataset(f"pickapic:{path}", images, preferred, rejected, prompts=prompts,
-                             users=np.array(users, dtype=str), ties_skipped=ties)
+    return PreferenceDataset(
+        f"pickapic:{path}",
+        images,
+        preferred,
+        rejected,
+        prompts=prompts,
+        users=np.array(users, dtype=str),
+        ties_skipped=ties,
+    )
 
 
 def load_hpdv2(path: Path) -> PreferenceDataset:
@@ -151,7 +163,8 @@ def _load_ranked(path: Path, images_key: str, rank_key: str, fmt: str) -> Prefer
         for key in ("prompt", images_key, rank_key):
             if key not in record:
                 raise PreferenceDataError(
-                    f"{path}: record {g} has no {key!r}; {fmt} records need prompt, {images_key}, {rank_key}")
+                    f"{path}: record {g} has no {key!r}; {fmt} records need prompt, {images_key}, {rank_key}"
+                )
         files, ranks = record[images_key], record[rank_key]
         if len(files) != len(ranks):
             raise PreferenceDataError(f"{path}: record {g} has {len(files)} images but {len(ranks)} ranks")
@@ -168,8 +181,16 @@ def _load_ranked(path: Path, images_key: str, rank_key: str, fmt: str) -> Prefer
                 rejected.append(first + lose)
                 prompts.append(record["prompt"])
                 group.append(g)
-    return PreferenceDataset(f"{fmt}:{path}", images, preferred, rejected, prompts=prompts,
-                             group=np.array(group, dtype=np.int64), image_rank=np.array(image_rank), ties_skipped=ties)
+    return PreferenceDataset(
+        f"{fmt}:{path}",
+        images,
+        preferred,
+        rejected,
+        prompts=prompts,
+        group=np.array(group, dtype=np.int64),
+        image_rank=np.array(image_rank),
+        ties_skipped=ties,
+    )
 
 
 def load_jsonl(path: Path) -> PreferenceDataset:
@@ -206,8 +227,14 @@ def load_jsonl(path: Path) -> PreferenceDataset:
         users.append(str(row.get("user")))
     if not preferred:
         raise PreferenceDataError(f"{path}: no pairs")
-    return PreferenceDataset(f"jsonl:{path}", images, preferred, rejected, prompts=prompts,
-                             users=np.array(users, dtype=str) if has_user else None)
+    return PreferenceDataset(
+        f"jsonl:{path}",
+        images,
+        preferred,
+        rejected,
+        prompts=prompts,
+        users=np.array(users, dtype=str) if has_user else None,
+    )
 
 
 def load_npz(path: Path) -> PreferenceDataset:
@@ -225,8 +252,14 @@ def load_npz(path: Path) -> PreferenceDataset:
     if query.ndim != 2 or query.shape[1] != d or query.shape[0] not in (1, m):
         raise PreferenceDataError(f"{path}: query has shape {query.shape}; expected ({m}, {d}) or (1, {d})")
     vectors = _unit_rows(np.concatenate([pref, rej]), f"{path} preferred/rejected")
-    return PreferenceDataset(f"npz:{path}", vectors, np.arange(m), m + np.arange(m),
-                             query_vectors=_unit_rows(query, f"{path} query"), users=users)
+    return PreferenceDataset(
+        f"npz:{path}",
+        vectors,
+        np.arange(m),
+        m + np.arange(m),
+        query_vectors=_unit_rows(query, f"{path} query"),
+        users=users,
+    )
 
 
 @dataclass(frozen=True)
@@ -268,8 +301,12 @@ def load_world(folder: str | os.PathLike, config: WorldBenchConfig = WorldBenchC
             pooled.append(max(p, 1.0 - p))
     return PreferenceDataset(
         f"world:seed={config.seed},images={config.images},users={config.users}",
-        [p for p, _ in collection], preferred, rejected,
-        users=np.array(owner, dtype=str), bayes=np.array(bayes), bayes_pooled=np.array(pooled),
+        [p for p, _ in collection],
+        preferred,
+        rejected,
+        users=np.array(owner, dtype=str),
+        bayes=np.array(bayes),
+        bayes_pooled=np.array(pooled),
     )
 
 
@@ -292,8 +329,9 @@ class EncodedDataset:
     bayes_pooled: np.ndarray | None  # (M,)
 
 
-def encode(dataset: PreferenceDataset, encoder=None, query: str = "global",
-           cache: "EmbeddingCache | None" = None) -> EncodedDataset:
+def encode(
+    dataset: PreferenceDataset, encoder=None, query: str = "global", cache: "EmbeddingCache | None" = None
+) -> EncodedDataset:
     """Compute the image and query vectors of `dataset` with `encoder` (not needed for .npz data).
 
     query="global": every pair is scored against one text (default: the paper's "An amazing and
@@ -322,8 +360,17 @@ def encode(dataset: PreferenceDataset, encoder=None, query: str = "global",
     else:
         text = _unit_rows(_numpy(encoder.encode_text([GLOBAL_QUALITY_QUERY])), "text embedding")
         queries = np.broadcast_to(text, (m, d))
-    return EncodedDataset(images, np.ascontiguousarray(queries, dtype=np.float32), dataset.preferred, dataset.rejected,
-                          dataset.users, dataset.group, dataset.image_rank, dataset.bayes, dataset.bayes_pooled)
+    return EncodedDataset(
+        images,
+        np.ascontiguousarray(queries, dtype=np.float32),
+        dataset.preferred,
+        dataset.rejected,
+        dataset.users,
+        dataset.group,
+        dataset.image_rank,
+        dataset.bayes,
+        dataset.bayes_pooled,
+    )
 
 
 class EmbeddingCache:
@@ -358,8 +405,10 @@ class EmbeddingCache:
 
 def _encode_pil(encoder, images: list, batch: int = 256) -> np.ndarray:
     """Embeddings of PIL images through the encoder's own preprocessing (indexer.encoder.Encoder)."""
-    out = [encoder.encode_images(torch.stack([encoder.preprocess(im) for im in images[i:i + batch]]))
-           for i in range(0, len(images), batch)]
+    out = [
+        encoder.encode_images(torch.stack([encoder.preprocess(im) for im in images[i : i + batch]]))
+        for i in range(0, len(images), batch)
+    ]
     return np.concatenate([_numpy(o) for o in out])
 
 
@@ -390,8 +439,10 @@ def _resolve_image(dataset_file: Path, name: str) -> Path:
         candidate = base / name
         if candidate.is_file():
             return candidate
-    raise PreferenceDataError(f"{dataset_file}: image {name!r} not found in {dataset_file.parent} "
-                              f"or {dataset_file.parent / dataset_file.stem}")
+    raise PreferenceDataError(
+        f"{dataset_file}: image {name!r} not found in {dataset_file.parent} "
+        f"or {dataset_file.parent / dataset_file.stem}"
+    )
 
 
 def _read_bytes(source) -> bytes:

@@ -8,25 +8,45 @@ from pathlib import Path
 import numpy as np
 
 from engine import bt
-from engine.bt import logistic
 from engine.bench.datasets import EncodedDataset
+from engine.bt import logistic
 from storage.errors import ClipbtError
 
-METHODS = ("original", "positive", "bt", "map", "bt_margin", "bt_selected", "rocchio", "average_vector", "plackett_luce")
+METHODS = (
+    "original",
+    "positive",
+    "bt",
+    "map",
+    "bt_margin",
+    "bt_selected",
+    "rocchio",
+    "average_vector",
+    "plackett_luce",
+)
 
-_BT_GRID = [{"lr": lr, "steps": s, "beta": b} for b in (1.0, 10.0, 100.0) for s in (1, 5)
-            for lr in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)]
+_BT_GRID = [
+    {"lr": lr, "steps": s, "beta": b}
+    for b in (1.0, 10.0, 100.0)
+    for s in (1, 5)
+    for lr in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+]
 GRIDS = {  # the candidates tuning chooses from, per method, in order (a tie keeps the earlier one)
     "original": [{}],
     "positive": [{"lr": lr} for lr in (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)],
     "bt": _BT_GRID,
     # MAP: the prior's precision lambda and the BT temperature beta (only their balance and beta's scale matter)
-    "map": [{"prior_precision": lam, "beta": b} for b in (1.0, 3.0, 10.0, 30.0, 100.0)
-            for lam in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)],
+    "map": [
+        {"prior_precision": lam, "beta": b}
+        for b in (1.0, 3.0, 10.0, 30.0, 100.0)
+        for lam in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    ],
     "bt_margin": _BT_GRID,
     "bt_selected": [{**c, "keep": k} for k in (0.5, 0.25) for c in _BT_GRID],
-    "rocchio": [{"alpha": 1.0, "beta": b, "gamma": g * b} for b in (0.25, 0.75, 2.0, 8.0, 32.0, 128.0, 512.0)
-                for g in (0.2, 1.0, 3.0)],
+    "rocchio": [
+        {"alpha": 1.0, "beta": b, "gamma": g * b}
+        for b in (0.25, 0.75, 2.0, 8.0, 32.0, 128.0, 512.0)
+        for g in (0.2, 1.0, 3.0)
+    ],
     "average_vector": [{}],
     "plackett_luce": [],  # not tuned: it takes the hyper-parameters chosen for bt (with 2 items PL is BT)
 }
@@ -89,11 +109,12 @@ class BenchResult:
         """A Markdown table: one row per method, one column per N, accuracy in percent as
         mean ± std over draws / std over splits."""
         sizes = next(iter(self.methods.values()))["N"]
-        lines = ["| method | " + " | ".join(f"N={n}" for n in sizes) + " |",
-                 "|---|" + "---|" * len(sizes)]
+        lines = ["| method | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
         for name, row in self.methods.items():
-            cells = [f"{100 * m:.1f} ± {100 * sd:.1f} / {100 * ss:.1f}"
-                     for m, sd, ss in zip(row["mean"], row["std_draws"], row["std_splits"])]
+            cells = [
+                f"{100 * m:.1f} ± {100 * sd:.1f} / {100 * ss:.1f}"
+                for m, sd, ss in zip(row["mean"], row["std_draws"], row["std_splits"])
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if self.oracle is not None:
             lines.append("| oracle (Bayes-optimal) | " + " | ".join(f"{100 * self.oracle:.1f}" for _ in sizes) + " |")
@@ -177,8 +198,13 @@ def split(data: EncodedDataset, config: BenchConfig, index: int = 0) -> tuple[li
             bucket = "eval" if filled["eval"] < n_eval else "tune" if filled["tune"] < n_tune else "pool"
             chosen[bucket].append(np.array(members_of[g], dtype=np.int64))
             filled[bucket] = filled.get(bucket, 0) + len(members_of[g])
-        part = _Part(user, *(np.sort(np.concatenate(chosen[b])) if chosen[b] else np.zeros(0, np.int64)
-                             for b in ("eval", "tune", "pool")))
+        part = _Part(
+            user,
+            *(
+                np.sort(np.concatenate(chosen[b])) if chosen[b] else np.zeros(0, np.int64)
+                for b in ("eval", "tune", "pool")
+            ),
+        )
         if len(part.pool) < need or len(part.tune) < 1:
             skipped.append(user)
             continue
@@ -188,7 +214,8 @@ def split(data: EncodedDataset, config: BenchConfig, index: int = 0) -> tuple[li
         raise PreferenceBenchError(
             f"{where} has too few pairs for sizes up to {need}: the training pool is what is left after 20% "
             f"for tuning and half the rest for evaluation (the largest part has {max(len(i) for _, i in members)} "
-            "pairs); pass smaller --sizes")
+            "pairs); pass smaller --sizes"
+        )
     return parts, skipped
 
 
@@ -260,8 +287,16 @@ def _adapt_bt(method, params, q, task, pref, rej, config) -> np.ndarray:
                 weights = selection_weights(quality, params["keep"])
             weights = weights.reshape(-1).astype(np.float32)
         owner = np.repeat(np.arange(len(qr)), n)
-        out[rows] = bt.adapt_batched(qr, p.reshape(-1, p.shape[2]), r.reshape(-1, r.shape[2]), owner,
-                                     lr=lr, steps=steps, beta=beta, weights=weights)
+        out[rows] = bt.adapt_batched(
+            qr,
+            p.reshape(-1, p.shape[2]),
+            r.reshape(-1, r.shape[2]),
+            owner,
+            lr=lr,
+            steps=steps,
+            beta=beta,
+            weights=weights,
+        )
     return out
 
 
@@ -285,8 +320,12 @@ def _adapt_plackett_luce(params, data, batch) -> np.ndarray:
         items, lengths = bt.pad_rankings([data.images[r] for r in pl_rankings(data, batch.train[t])])
         rows = np.flatnonzero(batch.task == t)
         unique, inverse = np.unique(batch.queries[rows], axis=0, return_inverse=True)
-        adapted = np.stack([bt.adapt_plackett_luce(u, items, lengths, lr=params["lr"], steps=params["steps"],
-                                                   beta=params["beta"]) for u in unique])
+        adapted = np.stack(
+            [
+                bt.adapt_plackett_luce(u, items, lengths, lr=params["lr"], steps=params["steps"], beta=params["beta"])
+                for u in unique
+            ]
+        )
         out[rows] = adapted[inverse.reshape(-1)]
     return out
 
@@ -295,9 +334,18 @@ def _adapt_plackett_luce(params, data, batch) -> np.ndarray:
 # The protocol
 
 
-def _evaluate(data: EncodedDataset, parts: list[_Part], split_name: str, n: int, repeats: int, stage: int,
-              config: BenchConfig, runs: dict[str, list[dict]], split_index: int = 0,
-              probabilities: dict | None = None) -> dict[str, np.ndarray]:
+def _evaluate(
+    data: EncodedDataset,
+    parts: list[_Part],
+    split_name: str,
+    n: int,
+    repeats: int,
+    stage: int,
+    config: BenchConfig,
+    runs: dict[str, list[dict]],
+    split_index: int = 0,
+    probabilities: dict | None = None,
+) -> dict[str, np.ndarray]:
     """Accuracy (candidates, repeats) of every method in `runs` (method -> candidates) at size n.
 
     Accuracy = share of the part's `split_name` pairs whose preferred image scores higher under the
@@ -341,8 +389,9 @@ def _evaluate(data: EncodedDataset, parts: list[_Part], split_name: str, n: int,
     return out
 
 
-def tune(data: EncodedDataset, parts: list[_Part], methods: list[str], config: BenchConfig,
-         split_index: int = 0) -> dict[str, dict]:
+def tune(
+    data: EncodedDataset, parts: list[_Part], methods: list[str], config: BenchConfig, split_index: int = 0
+) -> dict[str, dict]:
     """Choose each method's hyper-parameters without the evaluation pairs: every candidate of GRIDS is run
     through the same protocol with training draws from the pool (stage 1 seeds, tune_repeats per N) and
     scored on the tuning pairs; the best mean accuracy over all N > 0 wins (the earlier candidate on a tie)."""
@@ -411,9 +460,16 @@ def _run(data: EncodedDataset, config: BenchConfig, name: str) -> BenchResult:
         "users_skipped": len(skipped_users) if config.per_user else None,
     }
     oracle = None if oracles[0] is None else float(np.mean(oracles))
-    return BenchResult(name, results, oracle, {m: [c[m] for c in chosen_per_split] for m in methods}, counts,
-                       {**asdict(config), "sizes": list(config.sizes), "methods": methods}, skipped,
-                       calibration=calibration)
+    return BenchResult(
+        name,
+        results,
+        oracle,
+        {m: [c[m] for c in chosen_per_split] for m in methods},
+        counts,
+        {**asdict(config), "sizes": list(config.sizes), "methods": methods},
+        skipped,
+        calibration=calibration,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,21 +532,37 @@ def write(result: BenchResult, folder: str | Path, stem: str) -> dict[str, Path]
     if result.command:
         md += ["Made by:", "", f"    {result.command}", ""]
     splits = result.config.get("splits", 1)
-    md += [f"Accuracy (%) on the evaluation pairs over {splits} splits x {result.config.get('repeats')} random "
-           "training sets: mean ± std over the training sets (within a split, averaged) / std of the splits' means.",
-           "", result.table(), ""]
+    md += [
+        f"Accuracy (%) on the evaluation pairs over {splits} splits x {result.config.get('repeats')} random "
+        "training sets: mean ± std over the training sets (within a split, averaged) / std of the splits' means.",
+        "",
+        result.table(),
+        "",
+    ]
     calibrated = [m for m, row in result.methods.items() if "ece" in row]
     if calibrated:
         sizes = next(iter(result.methods.values()))["N"]
-        md += ["Calibration of each method's own probability sigmoid(beta * margin) on the evaluation pairs: "
-               "log-loss (nats) / expected calibration error (10 bins).", "",
-               "| method | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
-        md += [f"| {m} | " + " | ".join(f"{ll:.3f} / {e:.3f}" for ll, e in zip(result.methods[m]["log_loss"],
-                                                                             result.methods[m]["ece"])) + " |"
-               for m in calibrated]
+        md += [
+            "Calibration of each method's own probability sigmoid(beta * margin) on the evaluation pairs: "
+            "log-loss (nats) / expected calibration error (10 bins).",
+            "",
+            "| method | " + " | ".join(f"N={n}" for n in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        md += [
+            f"| {m} | "
+            + " | ".join(
+                f"{ll:.3f} / {e:.3f}" for ll, e in zip(result.methods[m]["log_loss"], result.methods[m]["ece"])
+            )
+            + " |"
+            for m in calibrated
+        ]
         md += ["", f"Reliability at N={sizes[-1]}: `{stem}_reliability.png`.", ""]
-    md += [f"Hyper-parameters (chosen on the tuning pairs, one per split): `{json.dumps(result.hyperparameters)}`", "",
-           f"Counts (split 0): `{json.dumps(result.counts)}`"]
+    md += [
+        f"Hyper-parameters (chosen on the tuning pairs, one per split): `{json.dumps(result.hyperparameters)}`",
+        "",
+        f"Counts (split 0): `{json.dumps(result.counts)}`",
+    ]
     if result.skipped:
         md += ["", f"Not run: `{json.dumps(result.skipped)}`"]
     paths["md"].write_text("\n".join(md) + "\n")
@@ -550,4 +622,3 @@ def plot(result: BenchResult, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-

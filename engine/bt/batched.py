@@ -6,8 +6,18 @@ from engine.bt.common import AdaptationInputError, check_hyper
 from engine.bt.span import _chunks_by_size
 from engine.bt.tensors import _aligned_pairs, _as_tensor, _check_finite, _check_weights, _like
 
-def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: int = 3,
-                  beta: float = 1.0, weights=None, normalize: bool = False):
+
+def adapt_batched(
+    queries,
+    preferred,
+    rejected,
+    owner,
+    lr: float = 0.5,
+    steps: int = 3,
+    beta: float = 1.0,
+    weights=None,
+    normalize: bool = False,
+):
     """`adapt` for B queries at once, each with its own ragged set of pairs, in one vectorised call.
 
     queries: (B, d); preferred, rejected: (P, d) with all users' pairs stacked; owner: (P,) ints in
@@ -34,8 +44,16 @@ def adapt_batched(queries, preferred, rejected, owner, lr: float = 0.5, steps: i
     return _like(_descend_stacked(q.clone(), p - r, own, w, lr, steps, beta, normalize), queries)
 
 
-def _descend_stacked(out: torch.Tensor, diff: torch.Tensor, own: torch.Tensor, w: torch.Tensor | None,
-                     lr: float, steps: int, beta: float, normalize: bool) -> torch.Tensor:
+def _descend_stacked(
+    out: torch.Tensor,
+    diff: torch.Tensor,
+    own: torch.Tensor,
+    w: torch.Tensor | None,
+    lr: float,
+    steps: int,
+    beta: float,
+    normalize: bool,
+) -> torch.Tensor:
     """The steps of `adapt_batched` on checked tensors, updating the rows of `out` in place;
     `diff` (P, d) = y1 - y2 of the stacked pairs is scaled in place."""
     for block, scale, who in _pad_by_owner(diff, own, w, out.shape[0]):

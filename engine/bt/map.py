@@ -42,8 +42,16 @@ def map_objective(x, x0, diffs, weights, prior_precision: float, beta: float) ->
     return float(np.sum(weights * np.logaddexp(0.0, -beta * m)) + 0.5 * prior_precision * delta @ delta)
 
 
-def map_adapt_reference(x0, preferred, rejected, weights=None, prior_precision: float = 30.0, beta: float = 10.0,
-                        steps: int = 100, tol: float = 1e-14) -> np.ndarray:
+def map_adapt_reference(
+    x0,
+    preferred,
+    rejected,
+    weights=None,
+    prior_precision: float = 30.0,
+    beta: float = 10.0,
+    steps: int = 100,
+    tol: float = 1e-14,
+) -> np.ndarray:
     """argmin_x `map_objective` by damped Newton steps on the full d-dimensional x (a (d, d) solve per step):
     the slow obvious form that `map_adapt_many` is checked against. Returns (d,) float64."""
     check_map(prior_precision, beta, steps)
@@ -86,14 +94,16 @@ class MapFit:
     curvature: list
 
 
-def map_adapt_many(queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0,
-                   steps: int = 25, tol: float = 1e-18) -> np.ndarray:
+def map_adapt_many(
+    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-18
+) -> np.ndarray:
     """MAP adaptation of B queries, query b on its own `PairSet` (the posterior modes of `map_fit`). Returns (B, d) float32."""
     return map_fit(queries, pair_sets, weights, prior_precision, beta, steps, tol).queries
 
 
-def map_fit(queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0,
-            steps: int = 25, tol: float = 1e-18) -> MapFit:
+def map_fit(
+    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-18
+) -> MapFit:
     """argmin_x `map_objective` for B queries, query b with its own `PairSet` and weights (None: all ones).
 
     At the mode the gradient vanishes, so x - x0 = (beta / lambda) D^T (w * sigmoid(-beta m)) lies in the
@@ -117,16 +127,21 @@ def map_fit(queries, pair_sets, weights, prior_precision: float = 30.0, beta: fl
     if not len(pair_sets) == len(weights) == len(q):
         raise AdaptationInputError(
             f"need one pair set and one weight vector per query: {len(q)} queries, "
-            f"{len(pair_sets)} pair sets, {len(weights)} weight vectors")
+            f"{len(pair_sets)} pair sets, {len(weights)} weight vectors"
+        )
     given: list = [None] * len(q)
     for b, (pairs, w) in enumerate(zip(pair_sets, weights)):
         if pairs is None or not len(pairs):
             continue
         if pairs.diffs.shape[1] != q.shape[1]:
-            raise AdaptationInputError(f"pair_sets[{b}] has dimension {pairs.diffs.shape[1]} but the queries have {q.shape[1]}")
+            raise AdaptationInputError(
+                f"pair_sets[{b}] has dimension {pairs.diffs.shape[1]} but the queries have {q.shape[1]}"
+            )
         given[b] = np.ones(len(pairs)) if w is None else np.asarray(w, dtype=np.float64)
         if given[b].shape != (len(pairs),):
-            raise AdaptationInputError(f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}")
+            raise AdaptationInputError(
+                f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}"
+            )
         if not np.all(np.isfinite(given[b]) & (given[b] >= 0)):
             i = int(np.flatnonzero(~(np.isfinite(given[b]) & (given[b] >= 0)))[0])
             raise AdaptationInputError(f"weights[{b}][{i}] is {given[b][i]}: pair weights must be >= 0")
@@ -136,8 +151,15 @@ def map_fit(queries, pair_sets, weights, prior_precision: float = 30.0, beta: fl
     span = [b for b, g in enumerate(given) if g is not None and pair_sets[b].gram is not None]
     numpy_blas_on_one_thread()
     if span:
-        a, curv = _newton_in_span(q[span].astype(np.float64), [pair_sets[b] for b in span], [given[b] for b in span],
-                                  prior_precision, beta, int(steps), tol)
+        a, curv = _newton_in_span(
+            q[span].astype(np.float64),
+            [pair_sets[b] for b in span],
+            [given[b] for b in span],
+            prior_precision,
+            beta,
+            int(steps),
+            tol,
+        )
         for row, b in enumerate(span):
             p = len(pair_sets[b])
             coefficients[b], curvature[b] = a[row, :p], curv[row, :p]
@@ -154,8 +176,9 @@ def map_fit(queries, pair_sets, weights, prior_precision: float = 30.0, beta: fl
     return MapFit(out, coefficients, curvature)
 
 
-def _newton_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.ndarray], lam: float, beta: float,
-                    steps: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+def _newton_in_span(
+    q: np.ndarray, pair_sets: list[PairSet], weights: list[np.ndarray], lam: float, beta: float, steps: int, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Damped Newton steps on the coefficients a of U queries at once (see `map_fit`); returns a and W, (U, n)."""
     u_count, n = len(q), max(len(p) for p in pair_sets)
     gram = np.zeros((u_count, n, n))

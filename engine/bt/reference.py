@@ -94,8 +94,9 @@ def preference_gradient(x, preferred, rejected, beta: float = 1.0, weights=None)
     return _like(_gradient(xt, p - r, beta, w), x)
 
 
-def adapt(x, preferred, rejected, lr: float = 0.5, steps: int = 3, beta: float = 1.0,
-          weights=None, normalize: bool = False):
+def adapt(
+    x, preferred, rejected, lr: float = 0.5, steps: int = 3, beta: float = 1.0, weights=None, normalize: bool = False
+):
     """x' after `steps` gradient-descent steps x <- x - lr * grad L(x) on the BT loss (eqs. 3-4).
 
     The norm of x: each step adds lr * (1/N) sum_i c_i (y_i1 - y_i2) with c_i = beta (1 - p_i) > 0,
@@ -268,7 +269,9 @@ def _plackett_luce_grad(x, items, mask, beta, w):
     m = scores.shape[1]
     later = torch.ones(m, m, dtype=torch.bool, device=x.device).triu()  # [k, j]: j >= k
     valid = stage.unsqueeze(2) & mask.unsqueeze(1) & later
-    prob = torch.where(valid, torch.exp(scores.unsqueeze(1) - tail.unsqueeze(2)), torch.zeros((), dtype=scores.dtype, device=x.device))
+    prob = torch.where(
+        valid, torch.exp(scores.unsqueeze(1) - tail.unsqueeze(2)), torch.zeros((), dtype=scores.dtype, device=x.device)
+    )
     coef = beta * (prob.sum(dim=1) - stage.to(scores.dtype))  # (R, M): per item j
     if w is not None:
         coef = coef * w.unsqueeze(1)
@@ -287,8 +290,9 @@ def plackett_luce_gradient(x, rankings, lengths=None, beta: float = 1.0, weights
     return _like(_plackett_luce_grad(xt, items, mask, beta, w), x)
 
 
-def adapt_plackett_luce(x, rankings, lengths=None, lr: float = 0.5, steps: int = 3, beta: float = 1.0,
-                        weights=None, normalize: bool = False):
+def adapt_plackett_luce(
+    x, rankings, lengths=None, lr: float = 0.5, steps: int = 3, beta: float = 1.0, weights=None, normalize: bool = False
+):
     """`adapt` with the Plackett-Luce loss of full rankings instead of pairs (same norm behaviour).
     No rankings: x unchanged."""
     check_hyper(lr, steps, beta)

@@ -38,8 +38,16 @@ class PairSet:
         return self.diffs.shape[0]
 
 
-def adapt_many(queries: np.ndarray, pair_sets, weights, lr: float = 0.5, steps: int = 3,
-               beta: float = 1.0, normalize: bool = False, device: str | None = None) -> np.ndarray:
+def adapt_many(
+    queries: np.ndarray,
+    pair_sets,
+    weights,
+    lr: float = 0.5,
+    steps: int = 3,
+    beta: float = 1.0,
+    normalize: bool = False,
+    device: str | None = None,
+) -> np.ndarray:
     """`adapt` of B queries (numpy, CPU), query b on its own `PairSet` with its own weights.
 
     Every step of eq. 4 adds a combination of the differences D_i = y_i1 - y_i2 to x, so after t
@@ -81,7 +89,8 @@ def adapt_many(queries: np.ndarray, pair_sets, weights, lr: float = 0.5, steps: 
         given[b] = np.ones(len(pairs)) if w is None else np.asarray(w, dtype=np.float64)
         if given[b].shape != (len(pairs),):
             raise AdaptationInputError(
-                f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}")
+                f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}"
+            )
     rows = [b for b, w in enumerate(given) if w is not None]
     if rows and not _valid_weights(np.concatenate([given[b] for b in rows])).all():  # one check for the batch
         b = next(b for b in rows if not _valid_weights(given[b]).all())
@@ -95,8 +104,9 @@ def adapt_many(queries: np.ndarray, pair_sets, weights, lr: float = 0.5, steps: 
     span = [b for b in rows if pair_sets[b].gram is not None]
     numpy_blas_on_one_thread()
     for chunk in _chunks_by_size(span, [len(pair_sets[b]) ** 2 for b in span]):
-        out[chunk] = _descend_in_span(q[chunk], [pair_sets[b] for b in chunk], [given[b] for b in chunk],
-                                      lr, int(steps), beta, normalize)
+        out[chunk] = _descend_in_span(
+            q[chunk], [pair_sets[b] for b in chunk], [given[b] for b in chunk], lr, int(steps), beta, normalize
+        )
     for b in rows:
         if pair_sets[b].gram is None:
             out[b] = _descend_in_x(q[b], pair_sets[b].diffs, given[b], lr, int(steps), beta, normalize)
@@ -107,8 +117,17 @@ def _valid_weights(w: np.ndarray) -> np.ndarray:
     return np.isfinite(w) & (w >= 0)
 
 
-def _adapt_on_device(out: np.ndarray, rows: list[int], pair_sets, weights, lr: float, steps: int,
-                     beta: float, normalize: bool, device: str) -> np.ndarray:
+def _adapt_on_device(
+    out: np.ndarray,
+    rows: list[int],
+    pair_sets,
+    weights,
+    lr: float,
+    steps: int,
+    beta: float,
+    normalize: bool,
+    device: str,
+) -> np.ndarray:
     """`adapt_many` for the queries `rows` through `_descend_stacked` on a torch device."""
     import torch
 
@@ -138,8 +157,15 @@ def _chunks_by_size(items: list[int], costs: list[int]) -> list[list[int]]:
     return chunks
 
 
-def _descend_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.ndarray], lr: float,
-                     steps: int, beta: float, normalize: bool) -> np.ndarray:
+def _descend_in_span(
+    q: np.ndarray,
+    pair_sets: list[PairSet],
+    weights: list[np.ndarray],
+    lr: float,
+    steps: int,
+    beta: float,
+    normalize: bool,
+) -> np.ndarray:
     """The steps of `adapt_many` for U queries with Gram matrices, zero-padded to one (U, n, n) stack."""
     u_count, n = len(q), max(len(p) for p in pair_sets)
     gram = np.zeros((u_count, n, n))
@@ -157,8 +183,11 @@ def _descend_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.n
         margins = u * at_x0 + np.matmul(gram, a[:, :, None])[:, :, 0]  # D x_t
         a += scale * logistic(-beta * margins)  # x <- x - lr * grad (eq. 4): sigmoid(-m) = 1 - p
         if normalize:
-            norm_sq = u * u * x0_sq + 2 * u * (a * at_x0).sum(1, keepdims=True) + np.einsum(
-                "un,unm,um->u", a, gram, a)[:, None]
+            norm_sq = (
+                u * u * x0_sq
+                + 2 * u * (a * at_x0).sum(1, keepdims=True)
+                + np.einsum("un,unm,um->u", a, gram, a)[:, None]
+            )
             norm = np.sqrt(np.maximum(norm_sq, np.finfo(np.float64).tiny))
             u, a = u / norm, a / norm
     out = np.empty_like(q)
@@ -167,8 +196,9 @@ def _descend_in_span(q: np.ndarray, pair_sets: list[PairSet], weights: list[np.n
     return out
 
 
-def _descend_in_x(x: np.ndarray, diffs: np.ndarray, weights: np.ndarray, lr: float, steps: int,
-                  beta: float, normalize: bool) -> np.ndarray:
+def _descend_in_x(
+    x: np.ndarray, diffs: np.ndarray, weights: np.ndarray, lr: float, steps: int, beta: float, normalize: bool
+) -> np.ndarray:
     """`adapt`'s own steps in numpy, for one query whose pairs outnumber the dimensions."""
     scale = (weights * (lr * beta / len(diffs))).astype(np.float32)
     for _ in range(steps):

@@ -6,7 +6,6 @@ import torch
 from engine.bt.common import AdaptationInputError
 
 
-
 def _as_tensor(a, name: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a
@@ -43,7 +42,9 @@ def _check_nonzero_rows(t: torch.Tensor, name: str) -> None:
     if t.numel() == 0 or not bool(zero.any()):
         return
     row = tuple(int(i) for i in torch.nonzero(zero)[0])
-    raise AdaptationInputError(f"{name}[{', '.join(map(str, row))}] is a zero vector: image embeddings must be non-zero")
+    raise AdaptationInputError(
+        f"{name}[{', '.join(map(str, row))}] is a zero vector: image embeddings must be non-zero"
+    )
 
 
 def _check_query(x: torch.Tensor, name: str = "x") -> None:

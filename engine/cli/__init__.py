@@ -51,7 +51,7 @@ class _TranslatingGroup(click.Group):
     envvar=DB_ENV_VAR,
     metavar="URL",
     help=f"Database URL (default: ${DB_ENV_VAR}, else SQLite in the data home), e.g. "
-         "postgresql://user@host/clipbt or sqlite:////path/clipbt.db. Index files stay in the data home.",
+    "postgresql://user@host/clipbt or sqlite:////path/clipbt.db. Index files stay in the data home.",
 )
 @click.version_option(package_name="clipbt")
 @click.pass_context
@@ -66,11 +66,21 @@ def main(ctx: click.Context, home: Path | None, db: str | None) -> None:
 
 
 @main.command()
-@click.option("--images", type=click.IntRange(min=20), default=DemoConfig.images, show_default=True,
-              help="How many world images to generate and index.")
+@click.option(
+    "--images",
+    type=click.IntRange(min=20),
+    default=DemoConfig.images,
+    show_default=True,
+    help="How many world images to generate and index.",
+)
 @click.option("--query", default=DemoConfig.query, show_default=True, help="The query searched before and after.")
-@click.option("--questions", type=click.IntRange(min=1), default=DemoConfig.questions, show_default=True,
-              help="Pairwise questions the simulated user answers.")
+@click.option(
+    "--questions",
+    type=click.IntRange(min=1),
+    default=DemoConfig.questions,
+    show_default=True,
+    help="Pairwise questions the simulated user answers.",
+)
 @click.pass_obj
 def demo(obj: CliContext, images: int, query: str, questions: int) -> None:
     """Show clipbt end to end on a generated collection with the shipped model.
@@ -104,7 +114,8 @@ from engine.cli.collections import collections  # noqa: E402
 
 main.add_command(collections)
 
-from engine.cli.serve import COMMANDS as _SERVE_COMMANDS, users_add  # noqa: E402
+from engine.cli.serve import COMMANDS as _SERVE_COMMANDS  # noqa: E402
+from engine.cli.serve import users_add  # noqa: E402
 
 for _command in _SERVE_COMMANDS:
     main.add_command(_command)

@@ -60,11 +60,16 @@ def collections_delete(obj, name, yes):
         if summary is None:
             store.collection(name)  # raises UnknownCollectionError listing the existing ones
         if not yes:
-            click.confirm(f"Delete collection {name!r} ({summary['images']} images, preferences of "
-                          f"{summary['users']} users)?", abort=True, err=True)
+            click.confirm(
+                f"Delete collection {name!r} ({summary['images']} images, preferences of {summary['users']} users)?",
+                abort=True,
+                err=True,
+            )
         removed = store.delete_collection(name)
-    click.echo(f"deleted collection {name!r}: {removed['images']} images, {removed['pairs']} pairs, "
-               f"{removed['rankings']} rankings, {removed['feedback']} feedback")
+    click.echo(
+        f"deleted collection {name!r}: {removed['images']} images, {removed['pairs']} pairs, "
+        f"{removed['rankings']} rankings, {removed['feedback']} feedback"
+    )
 
 
 @collections.command("rename")

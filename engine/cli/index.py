@@ -9,8 +9,6 @@ from pathlib import Path
 
 import click
 
-from indexer.vectors.faiss import INDEX_TYPES
-from storage.limits import LIMITS
 from engine.cli.options import (
     DeferredOptions,
     collection_option,
@@ -18,16 +16,25 @@ from engine.cli.options import (
     model_option,
     pretrained_option,
 )
+from indexer.vectors.faiss import INDEX_TYPES
+from storage.limits import LIMITS
 
 EXIT_DONE = 0  # every file or row was taken
 EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see the list)
 
+
 def _batch_size_option() -> list[click.Parameter]:
     from indexer.pipeline import IndexOptions
 
-    return [click.Option(["--batch-size"], default=IndexOptions.batch_size, show_default=True,
-                         type=click.IntRange(1, LIMITS.batch_size_max),
-                         help="Images per encoder batch and per commit.")]
+    return [
+        click.Option(
+            ["--batch-size"],
+            default=IndexOptions.batch_size,
+            show_default=True,
+            type=click.IntRange(1, LIMITS.batch_size_max),
+            help="Images per encoder batch and per commit.",
+        )
+    ]
 
 
 TINY_NOTE = (
@@ -61,25 +68,60 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
 @model_option
 @pretrained_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: CUDA in float16 when present, else CPU].")
-@click.option("--workers", default=None, type=click.IntRange(0, 256),
-              help="local: decoding processes [default: CPU cores - 1], 0 decodes in the main process; "
-                   "ray: encoder actors [default: one per --gpus-per-worker GPUs, else the cluster's CPUs - 1].")
-@click.option("--index-type", default="flat", show_default=True,
-              help=f"{', '.join(INDEX_TYPES)}, exact (clipbt's exact kernel), or a FAISS factory string "
-                   "(e.g. 'IVF256,SQ8').")
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(0, 256),
+    help="local: decoding processes [default: CPU cores - 1], 0 decodes in the main process; "
+    "ray: encoder actors [default: one per --gpus-per-worker GPUs, else the cluster's CPUs - 1].",
+)
+@click.option(
+    "--index-type",
+    default="flat",
+    show_default=True,
+    help=f"{', '.join(INDEX_TYPES)}, exact (clipbt's exact kernel), or a FAISS factory string (e.g. 'IVF256,SQ8').",
+)
 @click.option("--remove-missing", is_flag=True, help="Drop images under PATHS whose files are gone.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 # -- the Ray executor (indexer/ray_executor.py) --
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this machine; ray: decode and encode on a Ray cluster (pip install 'clipbt[ray]').")
-@click.option("--ray-address", default=None,
-              help="A running Ray cluster (ray://HEAD:10001, or HEAD:6379 on a node) [default: start a local Ray].")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="ray: GPUs per encoder actor (0.5: two share a GPU); 0 encodes on CPUs.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this machine; ray: decode and encode on a Ray cluster (pip install 'clipbt[ray]').",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="A running Ray cluster (ray://HEAD:10001, or HEAD:6379 on a node) [default: start a local Ray].",
+)
+@click.option(
+    "--gpus-per-worker",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="ray: GPUs per encoder actor (0.5: two share a GPU); 0 encodes on CPUs.",
+)
 @json_option
 @click.pass_obj
-def index_command(obj, paths, collection, model, pretrained, device, batch_size, workers, index_type,
-                  remove_missing, progress, executor, ray_address, gpus_per_worker, as_json):
+def index_command(
+    obj,
+    paths,
+    collection,
+    model,
+    pretrained,
+    device,
+    batch_size,
+    workers,
+    index_type,
+    remove_missing,
+    progress,
+    executor,
+    ray_address,
+    gpus_per_worker,
+    as_json,
+):
     """Embed the images under PATHS (folders walked recursively) into a collection and its FAISS index.
 
     The default model is ViT-B-32 with LAION-2B weights (laion2b_s34b_b79k), downloaded once into
@@ -101,13 +143,19 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
 
     if model is None and pretrained is None:
         model, pretrained = GENERAL_MODEL
-    options = IndexOptions(batch_size=batch_size, workers=workers, remove_missing=remove_missing,
-                           index_type=index_type, progress=progress)
+    options = IndexOptions(
+        batch_size=batch_size, workers=workers, remove_missing=remove_missing, index_type=index_type, progress=progress
+    )
     if executor == "ray":
         from indexer.ray_executor import RayOptions, index_paths_ray
 
-        ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                                 device=device, staging=str(obj.home / "staging"))
+        ray_options = RayOptions(
+            address=ray_address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            device=device,
+            staging=str(obj.home / "staging"),
+        )
         with obj.open_store() as store:
             report = index_paths_ray(store, paths, collection, model, pretrained, options, ray_options)
     else:
@@ -117,9 +165,12 @@ def index_command(obj, paths, collection, model, pretrained, device, batch_size,
         with obj.open_store() as store:
             report = index_paths(store, paths, collection, encoder, options)
     _finish(
-        report.to_dict(), as_json,
-        [f"collection {collection!r}: indexed {report.indexed}, unchanged {report.unchanged}, "
-         f"removed {report.removed}, skipped {len(report.skipped)}"],
+        report.to_dict(),
+        as_json,
+        [
+            f"collection {collection!r}: indexed {report.indexed}, unchanged {report.unchanged}, "
+            f"removed {report.removed}, skipped {len(report.skipped)}"
+        ],
         [f"skipped {s.path}: {s.reason}" for s in report.skipped],
     )
 
@@ -147,9 +198,12 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
     with obj.open_store() as store:
         report = import_embeddings(store, directory, collection, model, pretrained)
     _finish(
-        report.to_dict(), as_json,
-        [f"collection {collection!r}: imported {report.imported}, unchanged {report.unchanged}, "
-         f"rejected {len(report.rejected)}"],
+        report.to_dict(),
+        as_json,
+        [
+            f"collection {collection!r}: imported {report.imported}, unchanged {report.unchanged}, "
+            f"rejected {len(report.rejected)}"
+        ],
         [f"rejected row {r.row} ({r.shard}): {r.reason}" for r in report.rejected],
     )
 
@@ -157,8 +211,13 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
 @click.command("export-embeddings")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @collection_option
-@click.option("--shard-size", default=1_000_000, show_default=True, type=click.IntRange(1, LIMITS.shard_size_max),
-              help="Rows per shard.")
+@click.option(
+    "--shard-size",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(1, LIMITS.shard_size_max),
+    help="Rows per shard.",
+)
 @json_option
 @click.pass_obj
 def export_embeddings_command(obj, directory, collection, shard_size, as_json):
@@ -172,5 +231,9 @@ def export_embeddings_command(obj, directory, collection, shard_size, as_json):
 
     with obj.open_store() as store:
         rows = export_embeddings(store, collection, directory, shard_size)
-    _finish({"collection": collection, "rows": rows, "directory": str(directory)}, as_json,
-            [f"exported {rows} rows of collection {collection!r} to {directory}"], [])
+    _finish(
+        {"collection": collection, "rows": rows, "directory": str(directory)},
+        as_json,
+        [f"exported {rows} rows of collection {collection!r} to {directory}"],
+        [],
+    )

@@ -4,20 +4,16 @@ from collections.abc import Callable
 
 import click
 
-collection_option = click.option(
-    "--collection", "-c", default="default", show_default=True, help="Collection name."
-)
+collection_option = click.option("--collection", "-c", default="default", show_default=True, help="Collection name.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 user_option = click.option("--user", "-u", required=True, help="User name (created if new).")
-query_option = click.option(
-    "--query", "-q", required=True, help="The query text the preference is about."
-)
+query_option = click.option("--query", "-q", required=True, help="The query text the preference is about.")
 model_option = click.option(
     "--model",
     default=None,
     help="open_clip model name (e.g. ViT-L-14), hf-hub:ORG/REPO, local-dir:PATH, or clipbt-tiny (the shipped "
-         "offline model, for clipbt's generated world only) [default: ViT-B-32 laion2b_s34b_b79k for index, "
-         "clipbt-tiny elsewhere].",
+    "offline model, for clipbt's generated world only) [default: ViT-B-32 laion2b_s34b_b79k for index, "
+    "clipbt-tiny elsewhere].",
 )
 pretrained_option = click.option(
     "--pretrained",

@@ -9,11 +9,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from engine.cli.options import DeferredOptions, collection_option, json_option, query_option, user_option
 from engine.preferences import (
     export_preferences,
     import_preferences,
 )
-from engine.cli.options import DeferredOptions, collection_option, json_option, query_option, user_option
+
 
 @contextmanager
 def _store(obj):
@@ -40,13 +41,17 @@ def _adaptation_options() -> list[click.Parameter]:
 
     default = SearchConfig()
     return [
-        click.Option(["--method"], type=click.Choice(["map", "bt"]),
-                     help=f"map: posterior mode under a prior on the query; bt: the paper's steps (default {default.method})."),
+        click.Option(
+            ["--method"],
+            type=click.Choice(["map", "bt"]),
+            help=f"map: posterior mode under a prior on the query; bt: the paper's steps (default {default.method}).",
+        ),
         click.Option(["--lr"], type=float, help=f"BT step size of --method bt (default {default.adapt.lr})."),
         click.Option(["--steps"], type=int, help=f"BT gradient steps of --method bt (default {default.adapt.steps})."),
         click.Option(["--beta"], type=float, help=f"BT inverse temperature (default {default.beta})."),
-        click.Option(["--scope"], type=click.Choice(SCOPES),
-                     help=f"Which of the user's pairs count (default {default.scope})."),
+        click.Option(
+            ["--scope"], type=click.Choice(SCOPES), help=f"Which of the user's pairs count (default {default.scope})."
+        ),
     ]
 
 
@@ -54,8 +59,11 @@ def _adaptation_options() -> list[click.Parameter]:
 @click.argument("text", required=False)
 @click.option("--user", "-u", help="Personalise with this user's preferences.")
 @click.option("-k", "k", default=10, show_default=True, help="How many images to return.")
-@click.option("--vector", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Search with this query embedding (.npy, shape (dim,)) instead of encoding TEXT.")
+@click.option(
+    "--vector",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Search with this query embedding (.npy, shape (dim,)) instead of encoding TEXT.",
+)
 @click.option("--no-adapt", is_flag=True, help="Ignore the user's preferences: the plain query.")
 @collection_option
 @json_option
@@ -72,9 +80,12 @@ def search(obj, text, user, k, vector, no_adapt, method, lr, steps, beta, scope,
     default = SearchConfig()
     method = method or ("bt" if lr is not None or steps is not None else default.method)
     changes = {name: value for name, value in (("lr", lr), ("steps", steps), ("beta", beta)) if value is not None}
-    config = SearchConfig(method=method, scope=scope or default.scope,
-                          adapt=dataclasses.replace(default.adapt, **changes) if method == "bt" else default.adapt,
-                          map=dataclasses.replace(default.map, beta=beta) if method == "map" and beta else default.map)
+    config = SearchConfig(
+        method=method,
+        scope=scope or default.scope,
+        adapt=dataclasses.replace(default.adapt, **changes) if method == "bt" else default.adapt,
+        map=dataclasses.replace(default.map, beta=beta) if method == "map" and beta else default.map,
+    )
     query_vector = None
     if vector is not None:
         try:
@@ -88,6 +99,7 @@ def search(obj, text, user, k, vector, no_adapt, method, lr, steps, beta, scope,
 
 # -- how search results are printed: missing files marked, a user without preferences noted ------
 
+
 def _print_hits(obj, hits, collection: str, user: str | None, as_json: bool) -> None:
     missing = {hit.id for hit in hits if _file_is_gone(hit.path)}
     if user is not None:
@@ -99,8 +111,11 @@ def _print_hits(obj, hits, collection: str, user: str | None, as_json: bool) -> 
             mark = "  (missing)" if hit.id in missing else ""
             click.echo(f"{hit.rank:>3}  {hit.id:>6}  {hit.score:8.4f}  {hit.path}{mark}")
     if missing:
-        click.echo(f"note: {len(missing)} of these files are gone; drop them from the collection with "
-                   f"`clipbt index FOLDER --remove-missing --collection {collection}`", err=True)
+        click.echo(
+            f"note: {len(missing)} of these files are gone; drop them from the collection with "
+            f"`clipbt index FOLDER --remove-missing --collection {collection}`",
+            err=True,
+        )
 
 
 def _file_is_gone(uri: str) -> bool:
@@ -119,8 +134,11 @@ def _note_user_without_preferences(obj, user: str, collection: str) -> None:
     what = "is not a known user" if user not in known else f"has no preferences in collection {collection!r}"
     close = difflib.get_close_matches(user, known, n=3)
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-    click.echo(f"note: {user!r} {what}, so these are the plain results{hint}; "
-               f"record some with `clipbt prefer --user {user} ...`", err=True)
+    click.echo(
+        f"note: {user!r} {what}, so these are the plain results{hint}; "
+        f"record some with `clipbt prefer --user {user} ...`",
+        err=True,
+    )
 
 
 @click.command()
@@ -266,8 +284,11 @@ def prefs_export(obj, user, collection, output):
 
 @prefs.command("import")
 @click.argument("file", type=click.File("rb"))
-@click.option("--collection", "-c",
-              help="Record them in this collection, images matched by path (default: the collection each names).")
+@click.option(
+    "--collection",
+    "-c",
+    help="Record them in this collection, images matched by path (default: the collection each names).",
+)
 @json_option
 @click.pass_obj
 def prefs_import(obj, file, collection, as_json):
@@ -321,8 +342,10 @@ def users_delete(obj, user):
     """
     with _store(obj) as store:
         removed = store.delete_user(user)
-    click.echo(f"deleted user {user!r}: {removed['pairs']} pairs, {removed['rankings']} rankings, "
-               f"{removed['feedback']} feedback")
+    click.echo(
+        f"deleted user {user!r}: {removed['pairs']} pairs, {removed['rankings']} rankings, "
+        f"{removed['feedback']} feedback"
+    )
 
 
 @click.command()

@@ -61,8 +61,9 @@ def tokens_create(obj, name):
     with _store(obj) as store:
         token_id, token = store.create_token(name)
     click.echo(token)
-    click.echo(f"token {token_id} of {name!r}: use it as 'Authorization: Bearer TOKEN'; it is not shown again",
-               err=True)
+    click.echo(
+        f"token {token_id} of {name!r}: use it as 'Authorization: Bearer TOKEN'; it is not shown again", err=True
+    )
 
 
 @tokens.command("list")
@@ -100,8 +101,7 @@ def tokens_revoke(obj, name, token_id):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @collection_option
-@click.option("--https-only", is_flag=True,
-              help="Mark the session cookie Secure (when a TLS proxy stands in front).")
+@click.option("--https-only", is_flag=True, help="Mark the session cookie Secure (when a TLS proxy stands in front).")
 @click.pass_obj
 def serve(obj, host, port, collection, https_only):
     """Serve the JSON API (/api/v1, /openapi.json) and the web page (/) over one collection.

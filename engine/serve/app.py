@@ -34,8 +34,9 @@ def open_state(config: ServeConfig) -> ServeState:
         engine = clip.engine(config.collection)
         _ = engine.index, engine.encoder  # loaded now, not by the first request
         batcher = SearchBatcher(engine.search_many, config.batch_size, config.batch_window_s)
-        thumbs = Thumbnails(clip.store, data_home(config.home) / "thumbnails" / clip.store.store_id[:12],
-                            config.thumbnail_size)
+        thumbs = Thumbnails(
+            clip.store, data_home(config.home) / "thumbnails" / clip.store.store_id[:12], config.thumbnail_size
+        )
     except BaseException:
         clip.close()
         raise
@@ -59,8 +60,12 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
         finally:
             close_state(app.state.serve)
 
-    app = FastAPI(title="clipbt", version="1", lifespan=lifespan,
-                  description="Personalised CLIP image search: search, record preferences, see what you taught it.")
+    app = FastAPI(
+        title="clipbt",
+        version="1",
+        lifespan=lifespan,
+        description="Personalised CLIP image search: search, record preferences, see what you taught it.",
+    )
     for router in (auth.router, search.router, preferences.router, images.router):
         app.include_router(router)
     app.add_exception_handler(ClipbtError, _library_error)
@@ -103,7 +108,11 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     """A request that does not fit its Pydantic model: 422 naming the field and the value given."""
     messages = []
     for error in exc.errors():
-        loc = error["loc"][1:] if error["loc"] and error["loc"][0] in ("body", "query", "path", "header") else error["loc"]
+        loc = (
+            error["loc"][1:]
+            if error["loc"] and error["loc"][0] in ("body", "query", "path", "header")
+            else error["loc"]
+        )
         where = ".".join(str(part) for part in loc)
         if error["type"] == "json_invalid":
             messages.append(f"malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}")

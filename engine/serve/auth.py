@@ -33,7 +33,9 @@ def check_same_origin(request: Request) -> None:
     parts = urlsplit(source)
     mine = urlsplit(str(request.base_url))
     if (parts.scheme, parts.netloc) != (mine.scheme, mine.netloc):
-        raise HTTPException(403, f"cross-site request refused: origin {parts.scheme}://{parts.netloc} is not this server")
+        raise HTTPException(
+            403, f"cross-site request refused: origin {parts.scheme}://{parts.netloc} is not this server"
+        )
 
 
 async def current_user(request: Request, state: Annotated[ServeState, Depends(get_state)]) -> str:
@@ -96,14 +98,24 @@ def login(body: Login, request: Request, response: Response, state: State) -> Me
     keys = (f"name:{body.name}", f"addr:{client}")
     wait = state.limiter.retry_after(keys)
     if wait > 0:
-        raise HTTPException(429, f"too many failed logins for {body.name!r}: try again in {int(wait) + 1} s",
-                            headers={"Retry-After": str(int(wait) + 1)})
+        raise HTTPException(
+            429,
+            f"too many failed logins for {body.name!r}: try again in {int(wait) + 1} s",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     if not state.store.check_password(body.name, body.password):
         state.limiter.failed(keys)
         raise _unauthorized(f"wrong name or password for {body.name!r}")
     session = state.store.create_session(body.name, state.config.session_lifetime_s)
-    response.set_cookie(SESSION_COOKIE, session, max_age=int(state.config.session_lifetime_s), httponly=True,
-                        samesite="lax", secure=state.config.https_only, path="/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        session,
+        max_age=int(state.config.session_lifetime_s),
+        httponly=True,
+        samesite="lax",
+        secure=state.config.https_only,
+        path="/",
+    )
     return Me(user=body.name, csrf=csrf_token(session))
 
 

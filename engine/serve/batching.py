@@ -22,8 +22,12 @@ class SearchBatcher:
     its requests are answered one by one, so a bad request only fails itself.
     """
 
-    def __init__(self, search_many: Callable[[Sequence[SearchRequest]], list[list[Hit]]],
-                 max_batch: int = 64, window_s: float = 0.002):
+    def __init__(
+        self,
+        search_many: Callable[[Sequence[SearchRequest]], list[list[Hit]]],
+        max_batch: int = 64,
+        window_s: float = 0.002,
+    ):
         self._search_many = search_many
         self.max_batch = max_batch
         self.window_s = window_s

@@ -25,8 +25,11 @@ def choose_duel(hits: Sequence[Hit], answered: Iterable[tuple[int, int]]) -> tup
     shown = set().union(*asked) if asked else set()
     fresh = [h for h in hits if h.id not in shown]
     for pool in (fresh, list(hits)):
-        candidates = [(abs(a.score - b.score), a.rank, a.id, b.id)
-                      for a, b in zip(pool, pool[1:]) if frozenset((a.id, b.id)) not in asked]
+        candidates = [
+            (abs(a.score - b.score), a.rank, a.id, b.id)
+            for a, b in zip(pool, pool[1:])
+            if frozenset((a.id, b.id)) not in asked
+        ]
         if candidates:
             _, _, a, b = min(candidates)
             return a, b

@@ -12,8 +12,12 @@ from engine.serve.thumbnails import MEDIA_TYPE
 router = APIRouter(prefix="/api/v1", tags=["images"])
 
 
-@router.get("/images/{image_id}/thumbnail", name="thumbnail", response_class=Response,
-            responses={200: {"content": {MEDIA_TYPE: {}}}, 404: {"description": "no such image in the collection"}})
+@router.get(
+    "/images/{image_id}/thumbnail",
+    name="thumbnail",
+    response_class=Response,
+    responses={200: {"content": {MEDIA_TYPE: {}}}, 404: {"description": "no such image in the collection"}},
+)
 async def thumbnail(user: User, state: State, image_id: Annotated[int, Path(ge=0)]) -> Response:
     """A JPEG thumbnail of a live image of the served collection; a placeholder when it has no file."""
     data = await run_in_threadpool(_thumbnail, state, image_id)

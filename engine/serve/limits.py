@@ -14,8 +14,7 @@ class LoginLimiter:
     a flood of made-up names cannot grow it without bound.
     """
 
-    def __init__(self, failures: int = 5, window_s: float = 300.0, max_keys: int = 10_000,
-                 clock=time.monotonic):
+    def __init__(self, failures: int = 5, window_s: float = 300.0, max_keys: int = 10_000, clock=time.monotonic):
         self.failures, self.window_s, self.max_keys, self._clock = failures, window_s, max_keys, clock
         self._seen: OrderedDict[str, deque] = OrderedDict()
         self._lock = threading.Lock()
@@ -75,8 +74,13 @@ class BodyLimit:
 
     async def _refuse(self, send: Send) -> None:
         body = f'{{"error": "request body larger than {self.max_bytes} bytes"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -87,21 +87,37 @@ def list_preferences(user: User, state: State) -> Records:
     """The caller's own preference records in the served collection, newest first."""
     store, collection = state.store, state.engine.collection.id
     try:
-        records = [Record(id=f"pair-{p.id}", kind="pair", query=p.query, created=p.created,
-                          preferred=p.preferred_id, rejected=p.rejected_id)
-                   for p in store.pairs(user, collection) if p.id is not None]
-        records += [Record(id=f"ranking-{r.id}", kind="ranking", query=r.query, created=r.created, images=r.image_ids)
-                    for r in store.rankings(user, collection)]
-        records += [Record(id=f"feedback-{f.id}", kind="feedback", query=f.query, created=f.created,
-                           good=f.good_ids, bad=f.bad_ids) for f in store.feedback(user, collection)]
+        records = [
+            Record(
+                id=f"pair-{p.id}",
+                kind="pair",
+                query=p.query,
+                created=p.created,
+                preferred=p.preferred_id,
+                rejected=p.rejected_id,
+            )
+            for p in store.pairs(user, collection)
+            if p.id is not None
+        ]
+        records += [
+            Record(id=f"ranking-{r.id}", kind="ranking", query=r.query, created=r.created, images=r.image_ids)
+            for r in store.rankings(user, collection)
+        ]
+        records += [
+            Record(
+                id=f"feedback-{f.id}", kind="feedback", query=f.query, created=f.created, good=f.good_ids, bad=f.bad_ids
+            )
+            for f in store.feedback(user, collection)
+        ]
     except UnknownUserError:
         records = []
     return Records(preferences=sorted(records, key=lambda r: r.created, reverse=True))
 
 
 @router.delete("/preferences/{record_id}", status_code=204)
-def delete_preference(user: User, state: State,
-                      record_id: Annotated[str, Path(max_length=40, description="e.g. pair-12")]) -> None:
+def delete_preference(
+    user: User, state: State, record_id: Annotated[str, Path(max_length=40, description="e.g. pair-12")]
+) -> None:
     """Remove one of the caller's own records; 404 for anything else, including another user's."""
     match = _RECORD_ID.fullmatch(record_id)
     if match is None:

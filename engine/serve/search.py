@@ -43,8 +43,14 @@ class Probability(BaseModel):
 
 
 def _result(hit: Hit, request: Request) -> Result:
-    return Result(id=hit.id, rank=hit.rank, score=hit.score, similarity=hit.similarity, p_next=hit.p_next,
-                  thumbnail=str(request.url_for("thumbnail", image_id=hit.id).path))
+    return Result(
+        id=hit.id,
+        rank=hit.rank,
+        score=hit.score,
+        similarity=hit.similarity,
+        p_next=hit.p_next,
+        thumbnail=str(request.url_for("thumbnail", image_id=hit.id).path),
+    )
 
 
 def _check(text: str, k: int, state) -> str:

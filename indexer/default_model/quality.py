@@ -49,11 +49,16 @@ def _class_embeddings(model, tokenizer, prompt_sets: list[list[str]]) -> torch.T
 def encode_images(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Unit image embeddings (n, dim) of preprocessed images (n, 3, H, W)."""
     return torch.cat(
-        [torch.nn.functional.normalize(model.encode_image(images[i : i + batch_size]), dim=-1) for i in range(0, len(images), batch_size)]
+        [
+            torch.nn.functional.normalize(model.encode_image(images[i : i + batch_size]), dim=-1)
+            for i in range(0, len(images), batch_size)
+        ]
     )
 
 
-def measure(model, preprocess, tokenizer, n_images: int = 2000, seed: int = HELD_OUT_SEED, config: WorldConfig = WorldConfig()) -> Quality:
+def measure(
+    model, preprocess, tokenizer, n_images: int = 2000, seed: int = HELD_OUT_SEED, config: WorldConfig = WorldConfig()
+) -> Quality:
     """Zero-shot figures of model on the first n_images of the world with this seed (images go through preprocess)."""
     model.eval()
     world = generate(n_images, seed, config)

@@ -52,7 +52,7 @@ class Tokenizer:
             regex.IGNORECASE,
         )
 
-    @lru_cache(maxsize=4096)
+    @lru_cache(maxsize=4096)  # noqa: B019  (one tokenizer per process: the cache lives as long as it)
     def _bpe(self, token: str) -> tuple[str, ...]:
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
@@ -105,8 +105,27 @@ def _erf(x: np.ndarray) -> np.ndarray:
     """erf to 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), as torch's exact GELU needs."""
     z = np.abs(x)
     t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    poly = (
+        -z * z
+        - 1.26551223
+        + t
+        * (
+            1.00002368
+            + t
+            * (
+                0.37409196
+                + t
+                * (
+                    0.09678418
+                    + t
+                    * (
+                        -0.18628806
+                        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))
+                    )
+                )
+            )
+        )
+    )
     return np.sign(x) * (1.0 - t * np.exp(poly))
 
 
@@ -126,8 +145,11 @@ class NumpyTextEncoder:
         self.tokenizer = Tokenizer(int(text_cfg["context_length"]))
         with safe_open(str(weights_path), framework="numpy") as f:
             self._token_embedding = f.get_tensor("token_embedding.weight")  # kept float16; rows cast when used
-            self._w = {key: f.get_tensor(key).astype(np.float32) for key in f.keys()
-                       if not key.startswith(("visual.", "token_embedding.", "logit_scale"))}
+            self._w = {
+                key: f.get_tensor(key).astype(np.float32)
+                for key in f.keys()
+                if not key.startswith(("visual.", "token_embedding.", "logit_scale"))
+            }
         self.layers = len({k.split(".")[2] for k in self._w if k.startswith("transformer.resblocks.")})
         n = self.tokenizer.context_length
         self._causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)

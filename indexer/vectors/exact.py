@@ -94,10 +94,16 @@ class ExactConfig:
     """How an ExactIndex stores and searches; every field has a default that suits a CPU or a GPU."""
 
     device: str = "cpu"  # torch device of the stored rows: "cpu", "cuda", "cuda:1"
-    precision: str = "auto"  # candidate pass: "int8" (CPU fbgemm), "float16" (CUDA), "float32" (none); "auto" picks per device
+    precision: str = (
+        "auto"  # candidate pass: "int8" (CPU fbgemm), "float16" (CUDA), "float32" (none); "auto" picks per device
+    )
     chunk_rows: int = 65536  # rows per chunk: a search holds at most a (B, chunk_rows) block of scores
-    sketch_from_rows: int = 50_000  # smaller collections skip the candidate pass: its loose window would take too many candidates
-    candidate_limit: int = 4096  # most candidates rescored per query (and at most max(4k, rows/64)); beyond, the float32 product
+    sketch_from_rows: int = (
+        50_000  # smaller collections skip the candidate pass: its loose window would take too many candidates
+    )
+    candidate_limit: int = (
+        4096  # most candidates rescored per query (and at most max(4k, rows/64)); beyond, the float32 product
+    )
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -108,7 +114,9 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "float16" if cuda else ("int8" if int8_available() else "float32")
     if precision == "int8" and (cuda or not int8_available()):
-        raise ValueError(f"precision 'int8' needs a CPU with torch's fbgemm int8 kernels (device {device!r}); use 'auto'")
+        raise ValueError(
+            f"precision 'int8' needs a CPU with torch's fbgemm int8 kernels (device {device!r}); use 'auto'"
+        )
     return precision
 
 
@@ -135,7 +143,9 @@ def int8_available() -> bool:
 def _int8_pack(codes: torch.Tensor, scale: torch.Tensor):
     """fbgemm's packed form of int8 `codes` (m, d) with per-row float32 `scale` (m,)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated; fbgemm's int8 GEMM still takes them
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # quantized tensors are deprecated; fbgemm's int8 GEMM still takes them
         weight = torch._make_per_channel_quantized_tensor(
             codes, scale.double(), torch.zeros(len(codes), dtype=torch.long), 0
         )
@@ -158,8 +168,13 @@ def float16_error_bound(q_norm, q_resid, q_hat_norm, resid: float, norm: float, 
     if dim * unit >= 1:
         raise ValueError(f"dimension {dim} is too large for the float16 bound (needs d < 2^23)")
     gamma = dim * unit / (1 - dim * unit)
-    bound = (q_norm * resid + q_resid * norm + gamma * q_hat_norm * norm
-             + 2.0**-11 * (1 + gamma) * q_hat_norm * norm + 2.0**-25) * _SAFETY
+    bound = (
+        q_norm * resid
+        + q_resid * norm
+        + gamma * q_hat_norm * norm
+        + 2.0**-11 * (1 + gamma) * q_hat_norm * norm
+        + 2.0**-25
+    ) * _SAFETY
     return torch.where(q_hat_norm * norm < 2.0**15, bound, math.inf)  # past that a float16 score may overflow
 
 
@@ -177,11 +192,11 @@ def sketch_rows(rows: torch.Tensor, precision: str, block: int = 4096):
         sketch = rows if rows.dtype == torch.float16 else rows.half()
     resid = norm = 0.0
     for start in range(0, len(x), block):  # float64 in blocks: exact products c w, bounded memory
-        part = x[start:start + block].double()
+        part = x[start : start + block].double()
         if precision == "int8":
-            x_hat = codes[start:start + block].double() * scale[start:start + block].double()[:, None]
+            x_hat = codes[start : start + block].double() * scale[start : start + block].double()[:, None]
         else:
-            x_hat = sketch[start:start + block].double()
+            x_hat = sketch[start : start + block].double()
         resid = max(resid, float((part - x_hat).norm(dim=1).max()))
         norm = max(norm, float(x_hat.norm(dim=1).max()))
     return sketch, resid, norm
@@ -278,7 +293,9 @@ class ExactIndex(VectorIndex):
     def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"{what} have shape {vectors.shape}, this index holds dimension {self.dim}: pass ({what[0]}, {self.dim})")
+            raise ValueError(
+                f"{what} have shape {vectors.shape}, this index holds dimension {self.dim}: pass ({what[0]}, {self.dim})"
+            )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -299,17 +316,31 @@ class ExactIndex(VectorIndex):
                 raise ValueError(f"ids already in the index: {present[:5].tolist()}: remove them first")
             chunks = list(snap.chunks)
             total = int(snap.starts[-1]) + len(ids)
-            new_rows = torch.from_numpy(vectors.copy() if self.device.type == "cpu" else vectors).to(self.device)  # never the caller's memory
+            new_rows = torch.from_numpy(vectors.copy() if self.device.type == "cpu" else vectors).to(
+                self.device
+            )  # never the caller's memory
             size = self.config.chunk_rows
             if chunks and len(chunks[-1].ids) < size:
                 last = chunks.pop()
                 room = size - len(last.ids)
-                alive = None if last.alive is None else torch.cat([last.alive, torch.ones(min(room, len(ids)), dtype=torch.bool, device=self.device)])
-                chunks.append(self._chunk(np.concatenate([last.ids, ids[:room]]),
-                                          torch.cat([last.rows.float(), new_rows[:room]]), alive, total))
+                alive = (
+                    None
+                    if last.alive is None
+                    else torch.cat([last.alive, torch.ones(min(room, len(ids)), dtype=torch.bool, device=self.device)])
+                )
+                chunks.append(
+                    self._chunk(
+                        np.concatenate([last.ids, ids[:room]]),
+                        torch.cat([last.rows.float(), new_rows[:room]]),
+                        alive,
+                        total,
+                    )
+                )
                 ids, new_rows = ids[room:], new_rows[room:]
             for start in range(0, len(ids), size):
-                chunks.append(self._chunk(ids[start:start + size], new_rows[start:start + size].contiguous(), None, total))
+                chunks.append(
+                    self._chunk(ids[start : start + size], new_rows[start : start + size].contiguous(), None, total)
+                )
             self._snap = _snapshot(chunks)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -329,7 +360,9 @@ class ExactIndex(VectorIndex):
                     continue
                 if alive.sum() * 2 < len(alive):  # mostly dead: rebuild from the live rows
                     keep = torch.from_numpy(np.flatnonzero(alive)).to(self.device)
-                    chunks.append(self._chunk(chunk.ids[alive], chunk.rows.float()[keep], None, int(self._snap.starts[-1])))
+                    chunks.append(
+                        self._chunk(chunk.ids[alive], chunk.rows.float()[keep], None, int(self._snap.starts[-1]))
+                    )
                 else:
                     chunks.append(replace(chunk, alive=torch.from_numpy(alive).to(self.device), live=int(alive.sum())))
             self._snap = _snapshot(chunks)
@@ -356,14 +389,23 @@ class ExactIndex(VectorIndex):
         q = torch.from_numpy(queries).to(self.device)
         with torch.inference_mode():
             exact_rows = torch.arange(batch, device=self.device)
-            if (self.precision != "float32" and snap.starts[-1] >= self.config.sketch_from_rows
-                    and not self._reduced_reduction_on()):
+            if (
+                self.precision != "float32"
+                and snap.starts[-1] >= self.config.sketch_from_rows
+                and not self._reduced_reduction_on()
+            ):
                 top, pos, exact_rows = self._search_sketch(snap, q, k)
-                scores[:, :top.shape[1]], found[:, :top.shape[1]] = top.cpu().numpy(), _ids_at(snap, pos.cpu().numpy())
+                scores[:, : top.shape[1]], found[:, : top.shape[1]] = (
+                    top.cpu().numpy(),
+                    _ids_at(snap, pos.cpu().numpy()),
+                )
             if len(exact_rows):
                 top, pos = self._search_float32(snap, q[exact_rows], k)
                 chosen = exact_rows.cpu().numpy()
-                scores[chosen, :top.shape[1]], found[chosen, :top.shape[1]] = top.cpu().numpy(), _ids_at(snap, pos.cpu().numpy())
+                scores[chosen, : top.shape[1]], found[chosen, : top.shape[1]] = (
+                    top.cpu().numpy(),
+                    _ids_at(snap, pos.cpu().numpy()),
+                )
                 if self.precision != "float32" and snap.starts[-1] >= self.config.sketch_from_rows:
                     with self._counter_lock:
                         self._fallbacks += len(chosen)
@@ -394,16 +436,27 @@ class ExactIndex(VectorIndex):
         """Steps 1-3 of the module docstring: (scores (B, k'), row positions (B, k'), queries left for the float32 product)."""
         q_low, q_norm, q_resid, q_hat_norm = _queries_for(self.precision, q)
         limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // 64))
-        width = max(4 * k, 128)  # sketch results taken per chunk by top-k; a query with more candidates in a chunk is scored again
+        width = max(
+            4 * k, 128
+        )  # sketch results taken per chunk by top-k; a query with more candidates in a chunk is scored again
         low = None  # (B, <= k) the best lower bounds S~ - e found so far
-        found_q, found_p, found_u, found_c = [], [], [], []  # candidates: query, row position, upper bound S~ + e, chunk
+        found_q, found_p, found_u, found_c = (
+            [],
+            [],
+            [],
+            [],
+        )  # candidates: query, row position, upper bound S~ + e, chunk
         bounds, edges = [], []  # per chunk (B,): e, and the upper bound of the best row its top-k left out
         for c, (chunk, start) in enumerate(zip(snap.chunks, snap.starts)):
             e = self._bound(chunk, q_norm, q_resid, q_hat_norm)
             s = self._sketch_scores(chunk, q_low)
             v, i = s.topk(min(width, s.shape[1]), dim=1)
             lows = v[:, :k] - e[:, None]
-            low = lows if low is None else torch.cat([low, lows], 1).topk(min(k, low.shape[1] + lows.shape[1]), dim=1).values
+            low = (
+                lows
+                if low is None
+                else torch.cat([low, lows], 1).topk(min(k, low.shape[1] + lows.shape[1]), dim=1).values
+            )
             qi, slot = (v >= _at_least(_kth(low, k) - e)[:, None]).nonzero(as_tuple=True)
             found_q.append(qi)
             found_p.append(i[qi, slot] + int(start))
@@ -439,7 +492,9 @@ class ExactIndex(VectorIndex):
         """The float32 top-k among candidate (query, row position) pairs: (scores (B, k), positions (B, k)), -inf / -1 padded."""
         batch = len(q)
         exact = torch.empty(len(cand_p), dtype=torch.float32, device=self.device)
-        chunk_of = torch.from_numpy(np.searchsorted(snap.starts, cand_p.cpu().numpy(), side="right") - 1).to(self.device)
+        chunk_of = torch.from_numpy(np.searchsorted(snap.starts, cand_p.cpu().numpy(), side="right") - 1).to(
+            self.device
+        )
         for c in torch.unique(chunk_of).tolist():
             here = (chunk_of == c).nonzero(as_tuple=True)[0]
             rows = snap.chunks[c].rows.index_select(0, cand_p[here] - int(snap.starts[c])).float()
@@ -448,7 +503,9 @@ class ExactIndex(VectorIndex):
         cand_q, cand_p, exact = cand_q[order], cand_p[order], exact[order]
         counts = torch.bincount(cand_q, minlength=batch)
         width = max(int(counts.max()) if len(counts) else 0, k)
-        slot = cand_q * width + torch.arange(len(cand_q), device=self.device) - (torch.cumsum(counts, 0) - counts)[cand_q]
+        slot = (
+            cand_q * width + torch.arange(len(cand_q), device=self.device) - (torch.cumsum(counts, 0) - counts)[cand_q]
+        )
         dense = torch.full((batch * width,), -math.inf, device=self.device)
         where = torch.full((batch * width,), -1, dtype=torch.long, device=self.device)
         dense[slot], where[slot] = exact, cand_p
@@ -507,16 +564,27 @@ class ExactIndex(VectorIndex):
         ids_np = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         rows_np = (torch.cat([r.to(dtype) for r in rows]) if rows else torch.zeros((0, self.dim), dtype=dtype)).numpy()
         token = uuid.uuid4().hex[:12]
-        files = {"ids": _write_npy(directory / f"ids-{token}.npy", ids_np),
-                 "rows": _write_npy(directory / f"rows-{token}.npy", rows_np)}
+        files = {
+            "ids": _write_npy(directory / f"ids-{token}.npy", ids_np),
+            "rows": _write_npy(directory / f"rows-{token}.npy", rows_np),
+        }
         config = asdict(self.config)
         del config["device"]
-        manifest = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "count": int(ids_np.size),
-                    "config": config, "files": files}
+        manifest = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "dim": self.dim,
+            "count": int(ids_np.size),
+            "config": config,
+            "files": files,
+        }
         _write_atomic(directory / _MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         for path in directory.iterdir():
-            if path.name != _MANIFEST and path.name not in {f["name"] for f in files.values()} and (
-                    path.name.startswith(("ids-", "rows-")) or path.name.endswith(".tmp")):
+            if (
+                path.name != _MANIFEST
+                and path.name not in {f["name"] for f in files.values()}
+                and (path.name.startswith(("ids-", "rows-")) or path.name.endswith(".tmp"))
+            ):
                 path.unlink(missing_ok=True)
         return manifest
 
@@ -528,12 +596,16 @@ class ExactIndex(VectorIndex):
         try:
             manifest = json.loads(path.read_text())
             files, dim, count = manifest["files"], int(manifest["dim"]), int(manifest["count"])
-            config = ExactConfig(device=device or "cpu", **{
-                key: value for key, value in manifest["config"].items() if key in ExactConfig.__dataclass_fields__})
+            config = ExactConfig(
+                device=device or "cpu",
+                **{key: value for key, value in manifest["config"].items() if key in ExactConfig.__dataclass_fields__},
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InvalidIndexError(f"cannot read the exact index manifest {path}: {exc}; rebuild the index") from None
         if manifest.get("format") != FORMAT:
-            raise InvalidIndexError(f"{path} has format {manifest.get('format')!r}, this clipbt reads {FORMAT}: rebuild the index")
+            raise InvalidIndexError(
+                f"{path} has format {manifest.get('format')!r}, this clipbt reads {FORMAT}: rebuild the index"
+            )
         if config.precision not in ("auto", "float32") and resolve_precision("auto", config.device) != config.precision:
             config = replace(config, precision="auto")  # saved on other hardware: pick this machine's pass
         ids = _read_npy(directory, files.get("ids"), np.int64, (count,))
@@ -589,14 +661,18 @@ def _write_npy(path: Path, array: np.ndarray) -> dict:
 def _read_npy(directory: Path, entry: dict | None, dtype, shape: tuple) -> np.ndarray:
     """The array a manifest entry names, checked for size, hash, dtype and shape; InvalidIndexError naming the file otherwise."""
     if not isinstance(entry, dict) or "name" not in entry:
-        raise InvalidIndexError(f"{directory / _MANIFEST} lists no file where one is needed ({entry!r}): rebuild the index")
+        raise InvalidIndexError(
+            f"{directory / _MANIFEST} lists no file where one is needed ({entry!r}): rebuild the index"
+        )
     path = directory / entry["name"]
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidIndexError(f"cannot read {path}: {exc}; rebuild the index") from None
     if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise InvalidIndexError(f"{path} is corrupt ({len(data)} bytes, hash differs from the manifest): rebuild the index")
+        raise InvalidIndexError(
+            f"{path} is corrupt ({len(data)} bytes, hash differs from the manifest): rebuild the index"
+        )
     import io
 
     try:
@@ -604,7 +680,9 @@ def _read_npy(directory: Path, entry: dict | None, dtype, shape: tuple) -> np.nd
     except ValueError as exc:
         raise InvalidIndexError(f"{path} is not a numpy array ({exc}): rebuild the index") from None
     if array.shape != shape or (dtype is not None and array.dtype != dtype) or array.dtype.kind not in "fi":
-        raise InvalidIndexError(f"{path} holds {array.dtype} {array.shape}, the manifest wants {shape}: rebuild the index")
+        raise InvalidIndexError(
+            f"{path} holds {array.dtype} {array.shape}, the manifest wants {shape}: rebuild the index"
+        )
     return array
 
 
@@ -642,5 +720,11 @@ def choose_flat_backend(n: int, dim: int, device: str = "cpu") -> tuple[str, str
     if kind == "cuda":
         return "exact", "CUDA: float16 candidate pass, float32 rescoring (ExactIndex)"
     if kind == "cpu" and int8_available():
-        return "exact", f"CPU with fbgemm int8 kernels ({torch.backends.quantized.engine}): int8 candidate pass, float32 rescoring (ExactIndex)"
-    return "faiss", f"no int8 kernel on {device} (quantized engine {torch.backends.quantized.engine}): FAISS IndexFlatIP"
+        return (
+            "exact",
+            f"CPU with fbgemm int8 kernels ({torch.backends.quantized.engine}): int8 candidate pass, float32 rescoring (ExactIndex)",
+        )
+    return (
+        "faiss",
+        f"no int8 kernel on {device} (quantized engine {torch.backends.quantized.engine}): FAISS IndexFlatIP",
+    )

@@ -216,7 +216,7 @@ class FaissIndex(VectorIndex):
         return np.setdiff1d(index_ids(self.cpu), self._excluded)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss = require_faiss()
+        require_faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {queries.shape}")

@@ -267,7 +267,9 @@ class MilvusIndex(VectorIndex):
             if clash.size:
                 raise ValueError(f"ids already in the index: {clash[:5].tolist()}")
             for start in range(0, len(ids), batch):
-                rows = [{PK: int(i), VECTOR: v} for i, v in zip(ids[start : start + batch], vectors[start : start + batch])]
+                rows = [
+                    {PK: int(i), VECTOR: v} for i, v in zip(ids[start : start + batch], vectors[start : start + batch])
+                ]
                 self._client.insert(name, rows)
             if len(ids):
                 self._client.flush(name)
@@ -369,7 +371,9 @@ class MilvusIndex(VectorIndex):
             deadline = time.monotonic() + timeout
             while self._client.describe_index(name, VECTOR).get("pending_index_rows", 0) > 0:
                 if time.monotonic() > deadline:
-                    raise MilvusError(f"Milvus at {self.config.uri} did not index collection {name!r} in {timeout:.0f} s")
+                    raise MilvusError(
+                        f"Milvus at {self.config.uri} did not index collection {name!r} in {timeout:.0f} s"
+                    )
                 time.sleep(1.0)
 
     def drop(self) -> None:
@@ -402,7 +406,11 @@ class MilvusIndex(VectorIndex):
         except (OSError, ValueError):
             raise InvalidIndexError(f"index manifest {path} is missing or unreadable") from None
         keys = ("uri", "collection", "dim", "index_type", "expected_count")
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or manifest.get("backend") != "milvus":
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("backend") != "milvus"
+        ):
             raise InvalidIndexError(f"index manifest {path} is not a Milvus manifest of format {MANIFEST_FORMAT}")
         if any(key not in manifest for key in keys):
             raise InvalidIndexError(f"index manifest {path} lacks one of {', '.join(keys)}")

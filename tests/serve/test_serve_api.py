@@ -69,21 +69,40 @@ def test_healthz_needs_no_credential(client):
 
 def test_openapi_describes_every_route(client):
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/api/v1/search", "/api/v1/preferences", "/api/v1/rankings", "/api/v1/feedback", "/api/v1/duel",
-                 "/api/v1/compare", "/api/v1/me", "/api/v1/preferences/{record_id}",
-                 "/api/v1/images/{image_id}/thumbnail", "/api/v1/login"):
+    for path in (
+        "/api/v1/search",
+        "/api/v1/preferences",
+        "/api/v1/rankings",
+        "/api/v1/feedback",
+        "/api/v1/duel",
+        "/api/v1/compare",
+        "/api/v1/me",
+        "/api/v1/preferences/{record_id}",
+        "/api/v1/images/{image_id}/thumbnail",
+        "/api/v1/login",
+    ):
         assert path in paths
 
 
-@pytest.mark.parametrize("headers, message", [
-    ({}, "not logged in: send 'Authorization: Bearer TOKEN' or log in"),
-    ({"Authorization": "Bearer cbt_nope"}, "invalid or revoked API token: create one with `clipbt tokens create NAME`"),
-    ({"Authorization": "Basic abc"}, "malformed Authorization header: expected 'Bearer TOKEN'"),
-    ({"Cookie": "clipbt_session=forged"}, "session expired or logged out: log in again"),
-])
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ({}, "not logged in: send 'Authorization: Bearer TOKEN' or log in"),
+        (
+            {"Authorization": "Bearer cbt_nope"},
+            "invalid or revoked API token: create one with `clipbt tokens create NAME`",
+        ),
+        ({"Authorization": "Basic abc"}, "malformed Authorization header: expected 'Bearer TOKEN'"),
+        ({"Cookie": "clipbt_session=forged"}, "session expired or logged out: log in again"),
+    ],
+)
 def test_no_or_bad_credential_is_401(client, headers, message):
-    for method, path in (("GET", "/api/v1/search?q=x"), ("GET", "/api/v1/preferences"), ("DELETE", "/api/v1/me"),
-                         ("GET", "/api/v1/images/1/thumbnail")):
+    for method, path in (
+        ("GET", "/api/v1/search?q=x"),
+        ("GET", "/api/v1/preferences"),
+        ("DELETE", "/api/v1/me"),
+        ("GET", "/api/v1/images/1/thumbnail"),
+    ):
         response = client.request(method, path, headers=headers)
         assert (response.status_code, response.json()) == (401, {"error": message})
 
@@ -101,15 +120,22 @@ def test_search_returns_the_engines_personalised_results(client, state, account)
     assert [r["score"] for r in results] == pytest.approx([h.score for h in direct], abs=1e-6)
 
 
-@pytest.mark.parametrize("params, status, message", [
-    ({"q": Q, "k": 0}, 400, "k must be between 1 and 100, got 0"),
-    ({"q": Q, "k": 101}, 400, "k must be between 1 and 100, got 101"),
-    ({"q": "   ", "k": 3}, 400, "a search needs query text, got q='   '"),
-    ({"q": "", "k": 3}, 422, "q: string should have at least 1 character, got ''"),
-    ({"k": 3}, 422, "q is required"),
-    ({"q": Q, "k": "many"}, 422, "k: input should be a valid integer, unable to parse string as an integer, got 'many'"),
-    ({"q": "x" * 501}, 422, "q: string should have at most 500 characters, got '" + "x" * 501 + "'"),
-])
+@pytest.mark.parametrize(
+    "params, status, message",
+    [
+        ({"q": Q, "k": 0}, 400, "k must be between 1 and 100, got 0"),
+        ({"q": Q, "k": 101}, 400, "k must be between 1 and 100, got 101"),
+        ({"q": "   ", "k": 3}, 400, "a search needs query text, got q='   '"),
+        ({"q": "", "k": 3}, 422, "q: string should have at least 1 character, got ''"),
+        ({"k": 3}, 422, "q is required"),
+        (
+            {"q": Q, "k": "many"},
+            422,
+            "k: input should be a valid integer, unable to parse string as an integer, got 'many'",
+        ),
+        ({"q": "x" * 501}, 422, "q: string should have at most 500 characters, got '" + "x" * 501 + "'"),
+    ],
+)
 def test_bad_search_is_a_json_error_naming_the_value(client, account, params, status, message):
     _, _, headers = account()
     response = client.get("/api/v1/search", params=params, headers=headers)
@@ -120,7 +146,9 @@ def test_preferences_rankings_feedback_are_recorded_and_listed(client, account):
     _, _, headers = account()
     pair = client.post("/api/v1/preferences", json={"query": Q, "preferred": 3, "rejected": 4}, headers=headers)
     ranking = client.post("/api/v1/rankings", json={"query": Q, "images": [7, 2, 9]}, headers=headers)
-    feedback = client.post("/api/v1/feedback", json={"query": "a blue star", "good": [1], "bad": [2, 8]}, headers=headers)
+    feedback = client.post(
+        "/api/v1/feedback", json={"query": "a blue star", "good": [1], "bad": [2, 8]}, headers=headers
+    )
     assert [r.status_code for r in (pair, ranking, feedback)] == [201, 201, 201]
     assert re.fullmatch(r"pair-\d+", pair.json()["id"]) and re.fullmatch(r"ranking-\d+", ranking.json()["id"])
     listed = client.get("/api/v1/preferences", headers=headers).json()["preferences"]
@@ -129,18 +157,44 @@ def test_preferences_rankings_feedback_are_recorded_and_listed(client, account):
     assert (listed[0]["query"], listed[0]["good"], listed[0]["bad"]) == ("a blue star", [1], [2, 8])
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/api/v1/preferences", {"query": Q, "preferred": 3, "rejected": 99999}, 400, "no image 99999 in collection 'default'"),
-    ("/api/v1/preferences", {"query": Q, "preferred": 3, "rejected": 3}, 400, "preferred and rejected are the same image 3"),
-    ("/api/v1/preferences", {"query": Q, "preferred": 3}, 422, "rejected is required"),
-    ("/api/v1/preferences", {"query": "", "preferred": 3, "rejected": 4}, 422,
-     "query: string should have at least 1 character, got ''"),
-    ("/api/v1/preferences", {"query": Q, "preferred": "../../etc/passwd", "rejected": 4}, 422,
-     "preferred: input should be a valid integer, unable to parse string as an integer, got '../../etc/passwd'"),
-    ("/api/v1/rankings", {"query": Q, "images": [3]}, 422, "images: list should have at least 2 items after validation, not 1, got [3]"),
-    ("/api/v1/feedback", {"query": Q, "good": [3], "bad": [3]}, 400, "images [3] are marked both good and bad"),
-    ("/api/v1/feedback", {"query": Q}, 400, "feedback needs at least one good or bad image, got none"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        (
+            "/api/v1/preferences",
+            {"query": Q, "preferred": 3, "rejected": 99999},
+            400,
+            "no image 99999 in collection 'default'",
+        ),
+        (
+            "/api/v1/preferences",
+            {"query": Q, "preferred": 3, "rejected": 3},
+            400,
+            "preferred and rejected are the same image 3",
+        ),
+        ("/api/v1/preferences", {"query": Q, "preferred": 3}, 422, "rejected is required"),
+        (
+            "/api/v1/preferences",
+            {"query": "", "preferred": 3, "rejected": 4},
+            422,
+            "query: string should have at least 1 character, got ''",
+        ),
+        (
+            "/api/v1/preferences",
+            {"query": Q, "preferred": "../../etc/passwd", "rejected": 4},
+            422,
+            "preferred: input should be a valid integer, unable to parse string as an integer, got '../../etc/passwd'",
+        ),
+        (
+            "/api/v1/rankings",
+            {"query": Q, "images": [3]},
+            422,
+            "images: list should have at least 2 items after validation, not 1, got [3]",
+        ),
+        ("/api/v1/feedback", {"query": Q, "good": [3], "bad": [3]}, 400, "images [3] are marked both good and bad"),
+        ("/api/v1/feedback", {"query": Q}, 400, "feedback needs at least one good or bad image, got none"),
+    ],
+)
 def test_bad_preference_is_a_json_error_naming_the_value(client, account, path, body, status, message):
     _, _, headers = account()
     response = client.post(path, json=body, headers=headers)
@@ -149,18 +203,23 @@ def test_bad_preference_is_a_json_error_naming_the_value(client, account, path, 
 
 def test_malformed_json_is_422(client, account):
     _, _, headers = account()
-    response = client.post("/api/v1/preferences", content=b'{"query": ', headers={**headers, "Content-Type": "application/json"})
+    response = client.post(
+        "/api/v1/preferences", content=b'{"query": ', headers={**headers, "Content-Type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.json()["error"].startswith("malformed JSON body: ")
 
 
 def test_body_and_lists_are_bounded(client, account):
     _, _, headers = account()
-    response = client.post("/api/v1/feedback", content=b"{" + b" " * 70_000 + b"}",
-                           headers={**headers, "Content-Type": "application/json"})
+    response = client.post(
+        "/api/v1/feedback", content=b"{" + b" " * 70_000 + b"}", headers={**headers, "Content-Type": "application/json"}
+    )
     assert (response.status_code, response.json()) == (413, {"error": "request body larger than 65536 bytes"})
     response = client.post("/api/v1/rankings", json={"query": Q, "images": list(range(101))}, headers=headers)
-    assert response.status_code == 422 and response.json()["error"].startswith("images: list should have at most 100 items")
+    assert response.status_code == 422 and response.json()["error"].startswith(
+        "images: list should have at most 100 items"
+    )
 
 
 def test_users_never_see_or_change_each_others_data(client, state, account):
@@ -170,8 +229,14 @@ def test_users_never_see_or_change_each_others_data(client, state, account):
     ann_before = ids(search(client, ann_headers))
     assert ann_before == bob_before  # nobody has preferences yet
     for loser in ann_before[:5]:  # ann strongly prefers her 10th result over her top 5
-        assert client.post("/api/v1/preferences", json={"query": Q, "preferred": ann_before[9], "rejected": loser},
-                           headers=ann_headers).status_code == 201
+        assert (
+            client.post(
+                "/api/v1/preferences",
+                json={"query": Q, "preferred": ann_before[9], "rejected": loser},
+                headers=ann_headers,
+            ).status_code
+            == 201
+        )
     assert ids(search(client, ann_headers)) != ann_before
     assert ids(search(client, bob_headers)) == bob_before
     assert client.get("/api/v1/preferences", headers=bob_headers).json() == {"preferences": []}
@@ -188,15 +253,18 @@ def test_users_never_see_or_change_each_others_data(client, state, account):
 def test_deleting_a_preference_undoes_it(client, account):
     _, _, headers = account()
     before = ids(search(client, headers))
-    created = client.post("/api/v1/preferences", json={"query": Q, "preferred": before[-1], "rejected": before[0]},
-                          headers=headers).json()["id"]
+    created = client.post(
+        "/api/v1/preferences", json={"query": Q, "preferred": before[-1], "rejected": before[0]}, headers=headers
+    ).json()["id"]
     assert ids(search(client, headers)) != before
     assert client.delete(f"/api/v1/preferences/{created}", headers=headers).status_code == 204
     assert ids(search(client, headers)) == before
     assert client.get("/api/v1/preferences", headers=headers).json() == {"preferences": []}
     response = client.delete("/api/v1/preferences/pair-1;DROP", headers=headers)
     assert (response.status_code, response.json()) == (
-        404, {"error": "no preference 'pair-1;DROP': ids look like pair-12, ranking-3 or feedback-4"})
+        404,
+        {"error": "no preference 'pair-1;DROP': ids look like pair-12, ranking-3 or feedback-4"},
+    )
 
 
 def test_duel_asks_a_new_pair_of_top_results_each_time(client, state, account):
@@ -232,7 +300,8 @@ def test_thumbnails_are_cached_jpegs_by_id_and_404_otherwise(client, state, home
         response = client.get(f"/api/v1/images/{bad}/thumbnail", headers=headers)
         assert response.status_code in (404, 422), bad
     assert client.get("/api/v1/images/99999/thumbnail", headers=headers).json() == {
-        "error": "no image 99999 in collection 'default'"}
+        "error": "no image 99999 in collection 'default'"
+    }
 
 
 def test_an_image_without_its_file_gets_the_placeholder(client, state, account):
@@ -284,15 +353,23 @@ def test_session_cookie_is_httponly_lax_and_changes_need_csrf(client, account):
     origin = "http://testserver"
     for headers, message in [
         ({}, "cross-site check failed: a cookie-authenticated change needs an Origin header"),
-        ({"Origin": "https://evil.example", "X-CSRF-Token": csrf},
-         "cross-site request refused: origin https://evil.example is not this server"),
+        (
+            {"Origin": "https://evil.example", "X-CSRF-Token": csrf},
+            "cross-site request refused: origin https://evil.example is not this server",
+        ),
         ({"Origin": origin}, "missing or wrong X-CSRF-Token header (GET /api/v1/me gives it)"),
-        ({"Origin": origin, "X-CSRF-Token": "0" * 32}, "missing or wrong X-CSRF-Token header (GET /api/v1/me gives it)"),
+        (
+            {"Origin": origin, "X-CSRF-Token": "0" * 32},
+            "missing or wrong X-CSRF-Token header (GET /api/v1/me gives it)",
+        ),
     ]:
         response = client.post("/api/v1/preferences", json=body, headers=headers)
         assert (response.status_code, response.json()) == (403, {"error": message})
     assert client.get("/api/v1/preferences").json() == {"preferences": []}
-    assert client.post("/api/v1/preferences", json=body, headers={"Origin": origin, "X-CSRF-Token": csrf}).status_code == 201
+    assert (
+        client.post("/api/v1/preferences", json=body, headers={"Origin": origin, "X-CSRF-Token": csrf}).status_code
+        == 201
+    )
     assert client.post("/api/v1/logout", headers={"Origin": origin, "X-CSRF-Token": csrf}).status_code == 204
     client.cookies.clear()
     assert client.get("/api/v1/me").status_code == 401
@@ -339,11 +416,16 @@ def test_batcher_answers_concurrent_searches_in_batches_as_one_at_a_time(state):
     engine = state.engine
     engine.prefer("batch-ann", Q, 3, 4)
     engine.prefer("batch-bob", "a blue star", 8, 2)
-    requests = [SearchRequest(q, user, k) for q in (Q, "a blue star", "a green square")
-                for user in (None, "batch-ann", "batch-bob", "nobody") for k in (1, 5)]
+    requests = [
+        SearchRequest(q, user, k)
+        for q in (Q, "a blue star", "a green square")
+        for user in (None, "batch-ann", "batch-bob", "nobody")
+        for k in (1, 5)
+    ]
     batcher = SearchBatcher(engine.search_many, max_batch=64, window_s=0.05)
     batcher.start()
     try:
+
         async def all_at_once(requests):
             return await asyncio.gather(*(batcher.search(r) for r in requests), return_exceptions=True)
 
@@ -377,7 +459,10 @@ def test_cli_accounts_and_tokens(tmp_path):
     revoked = runner.invoke(main, [*home, "tokens", "revoke", "cli-ann", "--id", str(first)])
     assert (revoked.exit_code, revoked.output) == (0, "revoked 1 token of 'cli-ann'\n")
     unknown = runner.invoke(main, [*home, "tokens", "create", "nobody"])
-    assert (unknown.exit_code, unknown.output) == (1, "Error: no account 'nobody': create it with `clipbt users add nobody`\n")
+    assert (unknown.exit_code, unknown.output) == (
+        1,
+        "Error: no account 'nobody': create it with `clipbt users add nobody`\n",
+    )
     with Store.open(home=tmp_path) as store:
         assert store.token_user(token) is None and len(store.tokens("cli-ann")) == 1
         store.create_session("cli-ann", 60)

@@ -12,15 +12,22 @@ from storage import Store
 from tests.serve.worlds import indexed_world
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 Q = "a red circle"
 PASSWORD = "pw for the browser test"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                       reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)"
+    ),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install 'clipbt[test]'")
 expect = sync_api.expect
@@ -44,8 +51,9 @@ def server(world):
 
     from engine.serve import ServeConfig, create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(home=world[0])), host="127.0.0.1", port=0,
-                                          log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(ServeConfig(home=world[0])), host="127.0.0.1", port=0, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -54,7 +54,9 @@ def assert_topk_equal(ids, base, queries, k, got_scores, got_ids, atol=1e-5):
         assert len(set(got_ids[q][live].tolist())) == live.sum(), f"query {q}: an id repeats"
         true = np.array([np.float64(base[row_of[int(i)]]) @ np.float64(queries[q]) for i in got_ids[q][live]])
         np.testing.assert_allclose(true, want_scores[q][live], atol=atol, err_msg=f"query {q}: wrong ids")
-        np.testing.assert_allclose(got_scores[q][live], want_scores[q][live], atol=atol, err_msg=f"query {q}: wrong scores")
+        np.testing.assert_allclose(
+            got_scores[q][live], want_scores[q][live], atol=atol, err_msg=f"query {q}: wrong scores"
+        )
         assert np.all(got_scores[q][~live] == -np.inf)
 
 

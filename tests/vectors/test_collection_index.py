@@ -12,6 +12,7 @@ from storage import ImageRecord
 from storage.errors import InvalidIndexError
 from tests.test_storage import add_photos, sha
 
+
 def build_index(store, coll, include_deleted=False):
     return FaissIndex.build(*store.embeddings(coll.id, include_deleted=include_deleted), "flat", gpu=False)
 
@@ -43,19 +44,14 @@ def test_index_stale_after_changes(store):
     assert vs.load() is not None and vs.deleted_in_index == 1
     [new] = store.add_images(coll.id, [ImageRecord("/n.jpg", sha("n"), 1, 1)], np.ones((1, 8)))
     assert vs.load() is None
-    assert (
-        vs.reason
-        == f"index of collection 'photos' is stale: 1 of 5 images are not in it (e.g. ids [{new}])"
-    )
+    assert vs.reason == f"index of collection 'photos' is stale: 1 of 5 images are not in it (e.g. ids [{new}])"
     vs.save(build_index(store, coll), "flat")
     assert vs.load() is not None and vs.deleted_in_index == 0
     other = vs.expected()
     assert vs.load(type(other)(**{**other.__dict__, "live_ids": other.live_ids[1:]})) is None
     assert "holds 1 ids that are not images of the collection" in vs.reason
     assert vs.load(type(other)(**{**other.__dict__, "model": "ViT-L-14"})) is None
-    assert vs.reason == (
-        "index of collection 'photos' was built for model 'ViT-B-32', the collection has 'ViT-L-14'"
-    )
+    assert vs.reason == ("index of collection 'photos' was built for model 'ViT-B-32', the collection has 'ViT-L-14'")
 
 
 def test_damaged_index_files_are_refused_not_raised(store):

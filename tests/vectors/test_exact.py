@@ -27,7 +27,9 @@ from indexer.vectors.exact import (
 from storage.errors import InvalidIndexError
 from tests.vectors.conformance import Conformance, assert_topk_equal, clustered, unit
 
-needs_int8 = pytest.mark.skipif(not int8_available(), reason="torch's fbgemm int8 kernels are not available on this CPU")
+needs_int8 = pytest.mark.skipif(
+    not int8_available(), reason="torch's fbgemm int8 kernels are not available on this CPU"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -225,7 +227,7 @@ def test_eight_threads_searching_at_once_equal_serial_results():
     ids, base, queries = search_data(n=6000)
     index = ExactIndex(base.shape[1], ExactConfig(chunk_rows=1500, sketch_from_rows=0))
     index.add(ids, base)
-    batches = [queries[i::5] for i in range(5)] + [queries[i:i + 1] for i in range(3)]
+    batches = [queries[i::5] for i in range(5)] + [queries[i : i + 1] for i in range(3)]
     serial = [index.search(b, 10) for b in batches]
     results, errors = {}, []
 
@@ -294,7 +296,9 @@ def test_a_killed_save_leaves_a_loadable_index(tmp_path):
     target = tmp_path / "index"
     ids, base, queries = clustered(20000, 64, 5, seed=9)
     for delay in (0.05, 0.2, 0.5, 0.9, 1.3):
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        saver = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
         assert saver.stdout.readline().strip() == "ready"
         time.sleep(delay)
         saver.send_signal(signal.SIGKILL)

@@ -15,7 +15,12 @@ from tests.vectors.conformance import Conformance
 
 HAS_GPU = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 PLACES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not HAS_GPU, reason="FAISS sees no GPU"))]
-RECALL_FLOORS = {"ivf": 0.95, "hnsw": 0.95, "ivfpq": 0.7, "IVF32,SQ8": 0.9}  # recall@10 on the data below (measured 1.0, 1.0, 0.79, 0.98)
+RECALL_FLOORS = {
+    "ivf": 0.95,
+    "hnsw": 0.95,
+    "ivfpq": 0.7,
+    "IVF32,SQ8": 0.9,
+}  # recall@10 on the data below (measured 1.0, 1.0, 0.79, 0.98)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -77,8 +77,15 @@ class TestMilvusIvf(MilvusConformance):
 def test_plan_index():
     assert plan_index("flat", 512, 10**6).milvus_type == "FLAT" and plan_index("flat", 512, 10**6).exact
     hnsw = plan_index("HNSW", 512, 10**6)
-    assert (hnsw.milvus_type, hnsw.build, hnsw.search, hnsw.exact) == ("HNSW", {"M": 32, "efConstruction": 80}, {"ef": 128}, False)
-    assert plan_index("ivf", 512, 10**6).build == {"nlist": 4000} and plan_index("ivf", 512, 10**6).search == {"nprobe": 250}
+    assert (hnsw.milvus_type, hnsw.build, hnsw.search, hnsw.exact) == (
+        "HNSW",
+        {"M": 32, "efConstruction": 80},
+        {"ef": 128},
+        False,
+    )
+    assert plan_index("ivf", 512, 10**6).build == {"nlist": 4000} and plan_index("ivf", 512, 10**6).search == {
+        "nprobe": 250
+    }
     assert plan_index("ivf", 32, 3000).build == {"nlist": 76} and plan_index("ivf", 32, 3000).search == {"nprobe": 16}
     assert plan_index("ivf", 32, 10).build == {"nlist": 1} and plan_index("ivf", 32, 10).search == {"nprobe": 1}
     assert plan_index("gpu_ivf_pq", 768, 10**6).build == {"nlist": 4000, "m": 64, "nbits": 8}
@@ -202,10 +209,14 @@ def test_repair_after_the_writer_is_killed(tmp_path):
     until it dies; the next opener repairs the collection from the SQL ids."""
     uri = str(tmp_path / "crash.db")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, uri], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, uri], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
     try:
         assert writer.stdout.readline().strip() == "written"
-        with pytest.raises(MilvusError, match="open in another process.*milvus-lite server --data-dir .*crash.db --host 127.0.0.1"):
+        with pytest.raises(
+            MilvusError, match="open in another process.*milvus-lite server --data-dir .*crash.db --host 127.0.0.1"
+        ):
             MilvusIndex(MilvusConfig(uri, "crashed", 16))
     finally:
         writer.kill()
