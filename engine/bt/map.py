@@ -8,6 +8,8 @@ from engine.bt.common import AdaptationInputError, logistic
 from engine.bt.span import PairSet
 from engine.bt.threads import numpy_blas_on_one_thread
 
+_FULL_STEP_DECREMENT = 1e-8  # below this squared Newton decrement a Newton step is taken whole
+
 
 @dataclass(frozen=True)
 class MapConfig:
@@ -16,7 +18,8 @@ class MapConfig:
     prior_precision: float = 30.0  # lambda: 1 / variance of the Gaussian prior on x around the query x0
     beta: float = 10.0  # inverse temperature of the BT probability sigmoid(beta * (s(x, y1) - s(x, y2)))
     steps: int = 25  # at most this many Newton steps (each halved until the objective falls)
-    tol: float = 1e-18  # stop a query once its squared Newton decrement is below this
+    tol: float = 1e-8  # stop a query once its squared Newton decrement is below this: x within about
+    # sqrt(2 tol / prior_precision) of the exact mode, far below what reorders two images
 
     def __post_init__(self):
         check_map(self.prior_precision, self.beta, self.steps)
@@ -95,14 +98,14 @@ class MapFit:
 
 
 def map_adapt_many(
-    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-18
+    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-14
 ) -> np.ndarray:
     """MAP adaptation of B queries, query b on its own `PairSet` (the posterior modes of `map_fit`). Returns (B, d) float32."""
     return map_fit(queries, pair_sets, weights, prior_precision, beta, steps, tol).queries
 
 
 def map_fit(
-    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-18
+    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-14
 ) -> MapFit:
     """argmin_x `map_objective` for B queries, query b with its own `PairSet` and weights (None: all ones).
 
@@ -163,7 +166,7 @@ def map_fit(
         for row, b in enumerate(span):
             p = len(pair_sets[b])
             coefficients[b], curvature[b] = a[row, :p], curv[row, :p]
-            out[b] = (q[b].astype(np.float64) + a[row, :p] @ pair_sets[b].diffs.astype(np.float64)).astype(np.float32)
+            out[b] = q[b] + a[row, :p].astype(np.float32) @ pair_sets[b].diffs
     for b, g in enumerate(given):
         if g is not None and pair_sets[b].gram is None:
             diffs = pair_sets[b].diffs.astype(np.float64)
@@ -187,37 +190,42 @@ def _newton_in_span(
     for row, (pairs, wb) in enumerate(zip(pair_sets, weights)):
         m = len(pairs)
         gram[row, :m, :m] = pairs.gram
-        at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
+        at_x0[row, :m] = pairs.diffs @ q[row].astype(np.float32)
         w[row, :m] = wb
     eye = np.eye(n)
 
-    def objective(a):
-        margins = at_x0 + np.einsum("unm,um->un", gram, a)
-        return (w * np.logaddexp(0.0, -beta * margins)).sum(1) + 0.5 * lam * np.einsum("un,unm,um->u", a, gram, a)
+    def objective(a, ga):  # ga = G a, per query
+        return (w * np.logaddexp(0.0, -beta * (at_x0 + ga))).sum(1) + 0.5 * lam * (a * ga).sum(1)
 
     a = np.zeros((u_count, n))
+    ga = np.zeros((u_count, n))
     active = np.ones(u_count, dtype=bool)
     for _ in range(steps):
-        margins = at_x0 + np.einsum("unm,um->un", gram, a)
-        s = logistic(-beta * margins)
+        s = logistic(-beta * (at_x0 + ga))
         curv = beta * beta * w * s * (1 - s)
         r = lam * a - beta * w * s  # the gradient in x is D^T r
-        delta = -np.linalg.solve(curv[:, :, None] * gram + lam * eye, r[:, :, None])[:, :, 0]
-        # Newton decrement squared: -grad_x . step_x = -r^T G delta
-        decrement = -np.einsum("un,unm,um->u", r, gram, delta)
+        delta = np.zeros_like(a)
+        rows = np.flatnonzero(active)  # converged queries are solved no more
+        delta[rows] = -np.linalg.solve(curv[rows, :, None] * gram[rows] + lam * eye, r[rows, :, None])[:, :, 0]
+        gdelta = np.matmul(gram, delta[:, :, None])[:, :, 0]
+        decrement = -(r * gdelta).sum(1)  # Newton decrement squared: -grad_x . step_x = -r^T G delta
         active &= decrement > tol
         if not active.any():
             break
-        delta[~active] = 0.0
-        f0, slope, t = objective(a), np.einsum("un,unm,um->u", r, gram, delta), np.ones(u_count)
-        for _ in range(30):
-            bad = objective(a + t[:, None] * delta) > f0 + 1e-4 * t * slope
-            if not bad.any():
-                break
-            t[bad] /= 2
+        t = active.astype(np.float64)
+        # Backtracking (Armijo) only where the step is still large: near the optimum the full Newton step
+        # is right, and comparing objectives that differ in the last bits would halve it for nothing.
+        damped = active & (decrement > _FULL_STEP_DECREMENT)
+        if damped.any():
+            f0 = objective(a, ga)
+            for _ in range(30):
+                bad = damped & (objective(a + t[:, None] * delta, ga + t[:, None] * gdelta) > f0 - 1e-4 * t * decrement)
+                if not bad.any():
+                    break
+                t[bad] /= 2
         a += t[:, None] * delta
-    margins = at_x0 + np.einsum("unm,um->un", gram, a)
-    s = logistic(-beta * margins)
+        ga += t[:, None] * gdelta
+    s = logistic(-beta * (at_x0 + ga))
     return a, beta * beta * w * s * (1 - s)
 
 
