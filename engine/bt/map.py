@@ -225,6 +225,9 @@ def _newton_in_span(
                 t[bad] /= 2
         a += t[:, None] * delta
         ga += t[:, None] * gdelta
+        # Newton converges quadratically: a full step from a decrement below sqrt(tol) lands below tol,
+        # so that query is done without another solve to confirm it.
+        active &= ~((t == 1.0) & (decrement <= np.sqrt(tol)))
     s = logistic(-beta * (at_x0 + ga))
     return a, beta * beta * w * s * (1 - s)
 
