@@ -18,7 +18,7 @@ class MapConfig:
     prior_precision: float = 30.0  # lambda: 1 / variance of the Gaussian prior on x around the query x0
     beta: float = 10.0  # inverse temperature of the BT probability sigmoid(beta * (s(x, y1) - s(x, y2)))
     steps: int = 25  # at most this many Newton steps (each halved until the objective falls)
-    tol: float = 1e-8  # stop a query once its squared Newton decrement is below this: x within about
+    tol: float = 1e-10  # stop a query once its squared Newton decrement is below this: x within about
     # sqrt(2 tol / prior_precision) of the exact mode, far below what reorders two images
 
     def __post_init__(self):
@@ -166,7 +166,7 @@ def map_fit(
         for row, b in enumerate(span):
             p = len(pair_sets[b])
             coefficients[b], curvature[b] = a[row, :p], curv[row, :p]
-            out[b] = q[b] + a[row, :p].astype(np.float32) @ pair_sets[b].diffs
+            out[b] = (q[b].astype(np.float64) + a[row, :p] @ pair_sets[b].diffs.astype(np.float64)).astype(np.float32)
     for b, g in enumerate(given):
         if g is not None and pair_sets[b].gram is None:
             diffs = pair_sets[b].diffs.astype(np.float64)
@@ -190,7 +190,7 @@ def _newton_in_span(
     for row, (pairs, wb) in enumerate(zip(pair_sets, weights)):
         m = len(pairs)
         gram[row, :m, :m] = pairs.gram
-        at_x0[row, :m] = pairs.diffs @ q[row].astype(np.float32)
+        at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
         w[row, :m] = wb
     eye = np.eye(n)
 
@@ -225,9 +225,6 @@ def _newton_in_span(
                 t[bad] /= 2
         a += t[:, None] * delta
         ga += t[:, None] * gdelta
-        # Newton converges quadratically: a full step from a decrement below sqrt(tol) lands below tol,
-        # so that query is done without another solve to confirm it.
-        active &= ~((t == 1.0) & (decrement <= np.sqrt(tol)))
     s = logistic(-beta * (at_x0 + ga))
     return a, beta * beta * w * s * (1 - s)
 
