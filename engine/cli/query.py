@@ -132,7 +132,7 @@ def _note_user_without_preferences(obj, user: str, collection: str) -> None:
         if user in known and store.pairs(user, collection):
             return
     what = "is not a known user" if user not in known else f"has no preferences in collection {collection!r}"
-    close = difflib.get_close_matches(user, known, n=3)
+    close = difflib.get_close_matches(user, [name for name in known if name != user], n=3)
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     click.echo(
         f"note: {user!r} {what}, so these are the plain results{hint}; "
