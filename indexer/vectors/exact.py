@@ -79,6 +79,7 @@ import numpy as np
 import torch
 
 from indexer.vectors.base import VectorIndex
+from indexer.vectors.faiss import write_atomic
 from storage.errors import InvalidIndexError
 
 PRECISIONS = ("auto", "int8", "float16", "float32")
@@ -578,12 +579,12 @@ class ExactIndex(VectorIndex):
             "config": config,
             "files": files,
         }
-        _write_atomic(directory / _MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_atomic(directory / _MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         for path in directory.iterdir():
             if (
                 path.name != _MANIFEST
                 and path.name not in {f["name"] for f in files.values()}
-                and (path.name.startswith(("ids-", "rows-")) or path.name.endswith(".tmp"))
+                and path.name.startswith(("ids-", "rows-", ".tmp-"))
             ):
                 path.unlink(missing_ok=True)
         return manifest
@@ -632,21 +633,6 @@ def _ids_at(snap: _Snapshot, positions: np.ndarray) -> np.ndarray:
     return np.where(positions >= 0, snap.ids[np.maximum(positions, 0)], -1)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file, fsync, rename, and fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def _write_npy(path: Path, array: np.ndarray) -> dict:
     """Save `array` as .npy atomically; its manifest entry: name, bytes, sha256."""
     import io
@@ -654,7 +640,7 @@ def _write_npy(path: Path, array: np.ndarray) -> dict:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 

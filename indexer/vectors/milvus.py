@@ -50,7 +50,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ import numpy as np
 
 from indexer.errors import IndexTypeError, MilvusError
 from indexer.vectors.base import VectorIndex
+from indexer.vectors.faiss import write_atomic
 from storage.errors import InvalidIndexError
 
 TOKEN_ENV = "CLIPBT_MILVUS_TOKEN"
@@ -394,7 +394,7 @@ class MilvusIndex(VectorIndex):
             "count": len(self),
             "saved_at": datetime.now(UTC).isoformat(),
         }
-        _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
         return manifest
 
     @classmethod
@@ -491,16 +491,3 @@ def _check_vectors(ids, vectors, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if ids.shape != (len(vectors),):
         raise ValueError(f"need one id per vector: {ids.shape} ids for {len(vectors)} vectors")
     return ids, vectors
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` atomically and durably: temporary file, fsync, rename."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
