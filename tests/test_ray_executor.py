@@ -13,11 +13,12 @@ from click.testing import CliRunner
 from indexer_fixtures import make_bad_files
 
 from engine.cli import main
-from engine.world import write_collection
 from indexer.encoder import Encoder
 from indexer.errors import RayClusterError
-from indexer.pipeline import index_paths, open_index
+from indexer.pipeline import index_paths
 from indexer.ray_executor import RayOptions, plan_resources
+from indexer.vectors.collection import open_index
+from indexer.world import write_collection
 from storage import Store
 
 needs_ray = pytest.mark.skipif(
