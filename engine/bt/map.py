@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.bt.common import AdaptationInputError, logistic
-from engine.bt.span import PairSet
+from engine.bt.span import PairSet, check_batch
 from engine.bt.threads import numpy_blas_on_one_thread
 
 _FULL_STEP_DECREMENT = 1e-8  # below this squared Newton decrement a Newton step is taken whole
@@ -121,33 +121,7 @@ def map_fit(
     reference in x. queries: (B, d); pair_sets: B PairSets or None; weights: B arrays (P_b,) >= 0 or None.
     """
     check_map(prior_precision, beta, steps)
-    q = np.asarray(queries, dtype=np.float32)
-    if q.ndim != 2:
-        raise AdaptationInputError(f"queries must have shape (B, d), got {q.shape}")
-    if not np.all(np.isfinite(q)):
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(q))[0])
-        raise AdaptationInputError(f"queries[{index[0]}, {index[1]}] is {q[index]}: embeddings must be finite")
-    if not len(pair_sets) == len(weights) == len(q):
-        raise AdaptationInputError(
-            f"need one pair set and one weight vector per query: {len(q)} queries, "
-            f"{len(pair_sets)} pair sets, {len(weights)} weight vectors"
-        )
-    given: list = [None] * len(q)
-    for b, (pairs, w) in enumerate(zip(pair_sets, weights)):
-        if pairs is None or not len(pairs):
-            continue
-        if pairs.diffs.shape[1] != q.shape[1]:
-            raise AdaptationInputError(
-                f"pair_sets[{b}] has dimension {pairs.diffs.shape[1]} but the queries have {q.shape[1]}"
-            )
-        given[b] = np.ones(len(pairs)) if w is None else np.asarray(w, dtype=np.float64)
-        if given[b].shape != (len(pairs),):
-            raise AdaptationInputError(
-                f"weights[{b}] must have shape ({len(pairs)},), one per pair, got {given[b].shape}"
-            )
-        if not np.all(np.isfinite(given[b]) & (given[b] >= 0)):
-            i = int(np.flatnonzero(~(np.isfinite(given[b]) & (given[b] >= 0)))[0])
-            raise AdaptationInputError(f"weights[{b}][{i}] is {given[b][i]}: pair weights must be >= 0")
+    q, given = check_batch(queries, pair_sets, weights)
     out = q.copy()
     coefficients = [np.zeros(0) if g is None else np.zeros(len(g)) for g in given]
     curvature = [np.zeros(0) if g is None else np.zeros(len(g)) for g in given]

@@ -67,6 +67,29 @@ def adapt_many(
     Returns (B, d) float32.
     """
     check_hyper(lr, steps, beta)
+    q, given = check_batch(queries, pair_sets, weights)
+    rows = [b for b, w in enumerate(given) if w is not None]
+    out = q.copy()
+    if not rows:
+        return out
+    if device is not None:
+        return _adapt_on_device(out, rows, pair_sets, given, lr, int(steps), beta, normalize, device)
+    span = [b for b in rows if pair_sets[b].gram is not None]
+    numpy_blas_on_one_thread()
+    for chunk in _chunks_by_size(span, [len(pair_sets[b]) ** 2 for b in span]):
+        out[chunk] = _descend_in_span(
+            q[chunk], [pair_sets[b] for b in chunk], [given[b] for b in chunk], lr, int(steps), beta, normalize
+        )
+    for b in rows:
+        if pair_sets[b].gram is None:
+            out[b] = _descend_in_x(q[b], pair_sets[b].diffs, given[b], lr, int(steps), beta, normalize)
+    return out
+
+
+def check_batch(queries, pair_sets, weights) -> tuple[np.ndarray, list]:
+    """Check a batch for `adapt_many` or `map_adapt_many` once: queries (B, d) finite, one PairSet (or
+    None) and one weight vector (or None: all ones) per query, of matching sizes, weights >= 0.
+    Returns the queries as float32 and, per query, its pair weights (float64) or None when it has no pairs."""
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim != 2:
         raise AdaptationInputError(f"queries must have shape (B, d), got {q.shape}")
@@ -96,21 +119,7 @@ def adapt_many(
         b = next(b for b in rows if not _valid_weights(given[b]).all())
         i = int(np.flatnonzero(~_valid_weights(given[b]))[0])
         raise AdaptationInputError(f"weights[{b}][{i}] is {given[b][i]}: pair weights must be >= 0")
-    out = q.copy()
-    if not rows:
-        return out
-    if device is not None:
-        return _adapt_on_device(out, rows, pair_sets, given, lr, int(steps), beta, normalize, device)
-    span = [b for b in rows if pair_sets[b].gram is not None]
-    numpy_blas_on_one_thread()
-    for chunk in _chunks_by_size(span, [len(pair_sets[b]) ** 2 for b in span]):
-        out[chunk] = _descend_in_span(
-            q[chunk], [pair_sets[b] for b in chunk], [given[b] for b in chunk], lr, int(steps), beta, normalize
-        )
-    for b in rows:
-        if pair_sets[b].gram is None:
-            out[b] = _descend_in_x(q[b], pair_sets[b].diffs, given[b], lr, int(steps), beta, normalize)
-    return out
+    return q, given
 
 
 def _valid_weights(w: np.ndarray) -> np.ndarray:

@@ -64,3 +64,14 @@ def brute_force_topk(
         top = np.hstack([top, np.full((len(top), pad), -np.inf)])
         found = np.hstack([found, np.full((len(found), pad), -1, np.int64)])
     return top, found
+
+
+def check_added(ids, vectors, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """`add`'s arguments as int64 ids (n,) and float32 vectors (n, dim), or ValueError naming the shapes."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"vectors must be (n, {dim}), got {vectors.shape}")
+    if ids.shape != (len(vectors),):
+        raise ValueError(f"need one id per vector: {ids.shape} ids for {len(vectors)} vectors")
+    return ids, vectors

@@ -42,7 +42,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from indexer.errors import FaissUnavailableError, IndexTypeError
-from indexer.vectors.base import VectorIndex
+from indexer.vectors.base import VectorIndex, check_added
 from storage.errors import InvalidIndexError, disk_full_error
 
 INDEX_TYPES = ("flat", "flat16", "ivf", "ivfpq", "hnsw")
@@ -186,7 +186,7 @@ class FaissIndex(VectorIndex):
         self.on_gpu = self.index is not self.cpu
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        ids, vectors = _check_vectors(ids, vectors, self.dim)
+        ids, vectors = check_added(ids, vectors, self.dim)
         with self._lock:
             clash = np.intersect1d(ids, self.ids())
             if clash.size:
@@ -348,16 +348,6 @@ def _remove_stale_temporaries(directory: Path) -> None:
                 stale.unlink(missing_ok=True)
     except (Timeout, OSError):  # a save in progress, or a read-only folder: leave them for later
         pass
-
-
-def _check_vectors(ids, vectors, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise ValueError(f"vectors must be (n, {dim}), got {vectors.shape}")
-    if ids.shape != (len(vectors),):
-        raise ValueError(f"need one id per vector: {ids.shape} ids for {len(vectors)} vectors")
-    return ids, vectors
 
 
 def _search_deeper(index, queries: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -60,7 +60,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from indexer.errors import IndexTypeError, MilvusError
-from indexer.vectors.base import VectorIndex
+from indexer.vectors.base import VectorIndex, check_added
 from indexer.vectors.faiss import write_atomic
 from storage.errors import InvalidIndexError
 
@@ -257,7 +257,7 @@ class MilvusIndex(VectorIndex):
             ) from None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        ids, vectors = _check_vectors(ids, vectors, self.dim)
+        ids, vectors = check_added(ids, vectors, self.dim)
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"ids repeat within the batch: {unique[counts > 1][:5].tolist()}")
@@ -481,13 +481,3 @@ def _locked_elsewhere(path: str) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
     return False
-
-
-def _check_vectors(ids, vectors, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise ValueError(f"vectors must be (n, {dim}), got {vectors.shape}")
-    if ids.shape != (len(vectors),):
-        raise ValueError(f"need one id per vector: {ids.shape} ids for {len(vectors)} vectors")
-    return ids, vectors
