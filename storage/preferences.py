@@ -127,20 +127,8 @@ class PreferencesMixin:
                 last.source,
             ):
                 return last.id
-            pair_id = conn.execute(
-                S.pairs.insert()
-                .values(
-                    user_id=uid,
-                    collection_id=cid,
-                    query=query,
-                    preferred_id=preferred_id,
-                    rejected_id=rejected_id,
-                    weight=weight,
-                    source=source,
-                    created=_now(),
-                )
-                .returning(S.pairs.c.id)
-            ).scalar_one()
+            record = PreferenceRecord("pair", user, cid, query, ((preferred_id, 0), (rejected_id, 1)), source, weight)
+            pair_id = self._insert_record(conn, uid, record, _now())
             _bump(conn, S.users.c.pref_version, [uid])
         return pair_id
 
@@ -205,25 +193,7 @@ class PreferencesMixin:
                 ).all()
                 if [tuple(r) for r in last_items] == items:
                     return last.id
-            rid = conn.execute(
-                S.rankings.insert()
-                .values(
-                    user_id=uid,
-                    collection_id=cid,
-                    kind=kind,
-                    query=query,
-                    source=source,
-                    created=_now(),
-                )
-                .returning(S.rankings.c.id)
-            ).scalar_one()
-            conn.execute(
-                S.ranking_items.insert(),
-                [
-                    {"ranking_id": rid, "position": pos, "image_id": i, "tier": tier}
-                    for pos, (i, tier) in enumerate(items)
-                ],
-            )
+            rid = self._insert_record(conn, uid, PreferenceRecord(kind, user, cid, query, tuple(items), source), _now())
             _bump(conn, S.users.c.pref_version, [uid])
         return rid
 
@@ -294,11 +264,13 @@ class PreferencesMixin:
                 return True
         return False
 
-    def _insert_record(self, conn: sa.Connection, uid: int, record: PreferenceRecord, created) -> None:
+    def _insert_record(self, conn: sa.Connection, uid: int, record: PreferenceRecord, created) -> int:
+        """Insert one pair, ranking or feedback of user `uid`; returns its id (no checks, no version bump)."""
         if record.kind == "pair":
             (preferred, _), (rejected, _) = record.items
-            conn.execute(
-                S.pairs.insert().values(
+            return conn.execute(
+                S.pairs.insert()
+                .values(
                     user_id=uid,
                     collection_id=record.collection_id,
                     query=record.query,
@@ -308,8 +280,8 @@ class PreferencesMixin:
                     source=record.source,
                     created=created,
                 )
-            )
-            return
+                .returning(S.pairs.c.id)
+            ).scalar_one()
         rid = conn.execute(
             S.rankings.insert()
             .values(
@@ -329,6 +301,7 @@ class PreferencesMixin:
                 for pos, (i, tier) in enumerate(record.items)
             ],
         )
+        return rid
 
     def delete_preference(self, user: str, kind: str, record_id: int) -> bool:
         """Remove one of `user`'s own records: a "pair", "ranking" or "feedback" by id; False if
