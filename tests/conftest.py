@@ -46,3 +46,18 @@ def store(store_url):
 
     with Store.open(store_url) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The random-weight test model of tests/model_configs/clipbt-test-vit.json (d = 32), loaded once."""
+    from pathlib import Path
+
+    import open_clip
+
+    from indexer.encoder import Encoder
+
+    name = "clipbt-test-vit"
+    if name not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).parent / "model_configs" / f"{name}.json")
+    return Encoder.load(name, "random", device="cpu")

@@ -1,10 +1,8 @@
 """The query path against brute-force numpy: adaptation, candidates, ranking, batching, caches, scopes."""
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 
 from engine import bt
@@ -20,19 +18,11 @@ from engine.search import (
     effective_weights,
     pair_weights,
 )
-from indexer.encoder import Encoder
 from storage import ImageRecord, Store
 from storage.errors import UnknownImageError
 
 TEST_MODEL = "clipbt-test-vit"  # tests/model_configs/clipbt-test-vit.json, random weights
 DIM = 32
-
-
-@pytest.fixture(scope="session")
-def encoder():
-    if TEST_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).parent / "model_configs" / f"{TEST_MODEL}.json")
-    return Encoder.load(TEST_MODEL, "random", device="cpu")
 
 
 def _unit(a):

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_engine_search import encoder, make_collection  # noqa: F401  (the session encoder fixture)
+from test_engine_search import make_collection
 
 from engine.api import Clipbt
 from engine.search import SearchConfig
@@ -46,7 +46,7 @@ def play(clip: Clipbt, user: int) -> list:
 
 
 @pytest.fixture
-def two_stores(encoder, tmp_path):  # noqa: F811
+def two_stores(encoder, tmp_path):
     """Two identical stores of one seeded collection, each with its own library."""
     libraries = []
     for name in ("shared", "serial"):

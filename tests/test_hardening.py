@@ -5,13 +5,12 @@ import json
 import os
 import stat
 import threading
-from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from test_engine_search import DIM, TEST_MODEL, _unit
 
 from engine.cli import main
 from engine.preferences import (
@@ -26,7 +25,6 @@ from engine.search import (
     _append_pairs,
     _keep_recent,
 )
-from indexer.encoder import Encoder
 from storage import ImageRecord, Store
 from storage.errors import (
     DiskFullError,
@@ -36,20 +34,6 @@ from storage.errors import (
     UnknownImageError,
 )
 from storage.limits import LIMITS, LimitError, normalize_user
-
-TEST_MODEL = "clipbt-test-vit"  # tests/model_configs/clipbt-test-vit.json, random weights
-DIM = 32
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    if TEST_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).parent / "model_configs" / f"{TEST_MODEL}.json")
-    return Encoder.load(TEST_MODEL, "random", device="cpu")
-
-
-def _unit(a):
-    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def fill(store, n=12, seed=0, start=0):
