@@ -13,18 +13,13 @@ from engine.api import Clipbt
 from engine.serve import auth, images, preferences, search
 from engine.serve.batching import SearchBatcher
 from engine.serve.config import ServeConfig
-from engine.serve.limits import BodyLimit, LoginLimiter
+from engine.serve.limits import BodyLimit, LoginLimiter, SecurityHeaders
 from engine.serve.state import ServeState
 from engine.serve.thumbnails import Thumbnails
 from storage.errors import ClipbtError, ForeignImageError
 from storage.home import data_home
 
 STATIC = Path(__file__).parent / "static"
-_HEADERS = {  # on every response: no framing, no sniffing, scripts and images from this server only
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-}
 
 
 def open_state(config: ServeConfig) -> ServeState:
@@ -72,13 +67,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in _HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

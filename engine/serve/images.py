@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -10,6 +10,12 @@ from engine.serve.auth import State, User
 from engine.serve.thumbnails import MEDIA_TYPE
 
 router = APIRouter(prefix="/api/v1", tags=["images"])
+THUMBNAIL = "/api/v1/images/{}/thumbnail"
+
+
+def thumbnail_path(request: Request, image_id: int) -> str:
+    """The URL path of an image's thumbnail (the `thumbnail` route below, formatted without a route lookup)."""
+    return f"{request.scope.get('root_path', '')}{THUMBNAIL.format(image_id)}"
 
 
 @router.get(

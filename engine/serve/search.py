@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from engine.search import Hit, SearchInputError, SearchRequest
 from engine.serve.auth import State, User
 from engine.serve.duel import choose_duel
+from engine.serve.images import thumbnail_path
 from storage.errors import UnknownUserError
 
 router = APIRouter(prefix="/api/v1", tags=["search"])
@@ -49,7 +50,7 @@ def _result(hit: Hit, request: Request) -> Result:
         score=hit.score,
         similarity=hit.similarity,
         p_next=hit.p_next,
-        thumbnail=str(request.url_for("thumbnail", image_id=hit.id).path),
+        thumbnail=thumbnail_path(request, hit.id),
     )
 
 

@@ -29,6 +29,7 @@ of the id set, file checksum): the manifest is the commit point, so a killed sav
 previous index loadable. Temporary files of a killed save are removed by the next save.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -53,6 +54,12 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
 
 
+# Query batches at least this large are scored by one BLAS product per block of the collection; smaller
+# ones by a scan per query. faiss-cpu 1.15 ships a default so high that a batch of 64 is 64 scans
+# (benchmarks/bench_serve.py), so the service's micro-batches cost as much as their queries one by one.
+BLAS_FROM_QUERIES = 20
+
+
 def require_faiss():
     """The `faiss` module, or FaissUnavailableError saying which wheel to install."""
     try:
@@ -61,7 +68,13 @@ def require_faiss():
         raise FaissUnavailableError(
             f"FAISS is not installed ({exc}): pip install faiss-cpu, or faiss-gpu on a CUDA machine"
         ) from None
+    _configure(faiss)
     return faiss
+
+
+@functools.cache
+def _configure(faiss) -> None:
+    faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
 
 
 def plan_index(index_type: str, n: int, d: int) -> str:

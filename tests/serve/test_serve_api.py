@@ -114,7 +114,9 @@ def test_search_returns_the_engines_personalised_results(client, state, account)
     results = response.json()["results"]
     assert [r["rank"] for r in results] == list(range(1, 8))
     assert set(results[0]) == {"id", "rank", "score", "similarity", "p_next", "thumbnail"}
-    assert results[0]["thumbnail"] == f"/api/v1/images/{results[0]['id']}/thumbnail"
+    assert results[0]["thumbnail"] == client.app.url_path_for("thumbnail", image_id=results[0]["id"])
+    thumbnail = client.get(results[0]["thumbnail"], headers=headers)
+    assert (thumbnail.status_code, thumbnail.headers["content-type"]) == (200, "image/jpeg")
     direct = state.engine.search(Q, name, 7)  # the one-at-a-time path, no HTTP, no batcher
     assert [r["id"] for r in results] == [h.id for h in direct]
     assert [r["score"] for r in results] == pytest.approx([h.score for h in direct], abs=1e-6)
@@ -472,3 +474,19 @@ def test_cli_accounts_and_tokens(tmp_path):
         assert store.accounts() == []
         for table in ("accounts", "api_tokens", "web_sessions"):
             assert store._fetch_direct(f"SELECT count(*) FROM {table}", []) == [(0,)]
+
+
+def test_every_response_carries_the_security_headers(client, account):
+    _, _, headers = account()
+    responses = [
+        client.get("/healthz"),
+        client.get("/"),
+        client.get("/api/v1/search", params={"q": Q}),  # 401
+        search(client, headers, k=3),
+        client.get("/api/v1/images/1/thumbnail", headers=headers),
+    ]
+    for response in responses:
+        assert response.headers["x-content-type-options"] == "nosniff", response.url
+        assert response.headers["referrer-policy"] == "same-origin", response.url
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"], response.url
+        assert len(response.headers.get_list("content-security-policy")) == 1, response.url
