@@ -324,10 +324,11 @@ class CollectionsMixin:
             if image.collection_id != coll.id:
                 other = self._collection(conn, image.collection_id)
                 raise ForeignImageError(
-                    f"image {ref!r} ({image.uri}) is in collection {other.name!r}, not {coll.name!r}"
+                    f"image {ref!r} ({image.uri}) is in collection {other.name!r}, not {coll.name!r}",
+                    public=f"no image {ref!r} in collection {coll.name!r}",
                 )
         if image.deleted:
-            raise UnknownImageError(f"image {ref!r} ({image.uri}) was deleted")
+            raise UnknownImageError(f"image {ref!r} ({image.uri}) was deleted", public=f"image {ref!r} was deleted")
         return image
 
     def mark_deleted(self, image_ids: Iterable[int]) -> int:
@@ -444,7 +445,8 @@ def _one_collection(conn: sa.Connection, image_ids: list[int]) -> int:
         if rows[i].collection_id != first.collection_id:
             raise ForeignImageError(
                 f"image {i} is in collection {rows[i].collection_id} but image {first.id} is in "
-                f"collection {first.collection_id}: a preference compares images of one collection"
+                f"collection {first.collection_id}: a preference compares images of one collection",
+                public=f"images {first.id} and {i} are not in one collection: a preference compares images of one collection",
             )
     return first.collection_id
 

@@ -2,7 +2,19 @@
 
 
 class ClipbtError(Exception):
-    """Base of every error clipbt raises on purpose; the CLI prints it as `Error: <message>`."""
+    """Base of every error clipbt raises on purpose; the CLI prints it as `Error: <message>`.
+
+    `public`, when given, is the message for a remote caller (the HTTP service): the same value
+    named, without what only the machine's owner may see, such as file paths on the server.
+    """
+
+    def __init__(self, message: str = "", *, public: str | None = None):
+        super().__init__(message)
+        self.public = public
+
+    @property
+    def public_message(self) -> str:
+        return self.public if self.public is not None else str(self)
 
 
 class StoreError(ClipbtError):

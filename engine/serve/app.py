@@ -90,7 +90,7 @@ async def _library_error(request: Request, exc: ClipbtError) -> JSONResponse:
     """A library error: 404 when it is about something named in the URL path that does not exist,
     else 400 (the query or body was wrong). The message names the bad value."""
     missing = isinstance(exc, LookupError | ForeignImageError)
-    return _error(404 if missing and request.path_params else 400, str(exc))
+    return _error(404 if missing and request.path_params else 400, exc.public_message)
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -490,3 +490,26 @@ def test_every_response_carries_the_security_headers(client, account):
         assert response.headers["referrer-policy"] == "same-origin", response.url
         assert "frame-ancestors 'none'" in response.headers["content-security-policy"], response.url
         assert len(response.headers.get_list("content-security-policy")) == 1, response.url
+
+
+def test_images_of_another_collection_are_unknown_here_and_their_paths_stay_private(client, state, account):
+    import numpy as np
+
+    from storage.records import ImageRecord
+
+    _, _, headers = account()
+    served = state.engine.collection
+    other = state.store.get_or_create_collection("private", served.model, served.pretrained, served.dim)
+    secret = "/srv/secret/holiday-photo.png"
+    (foreign,) = state.store.add_images(
+        other, [ImageRecord(secret, "ab" * 32, 8, 8)], np.ones((1, served.dim), np.float32)
+    )
+    answers = [
+        client.get(f"/api/v1/images/{foreign}/thumbnail", headers=headers),
+        client.get("/api/v1/compare", params={"q": Q, "a": 3, "b": foreign}, headers=headers),
+        client.post("/api/v1/preferences", json={"query": Q, "preferred": 3, "rejected": foreign}, headers=headers),
+    ]
+    assert [a.status_code for a in answers] == [404, 400, 400]
+    for answer in answers:
+        assert str(foreign) in answer.json()["error"], answer.text
+        assert "secret" not in answer.text and "private" not in answer.text, answer.text
