@@ -274,6 +274,22 @@ class MilvusIndex(VectorIndex):
             if len(ids):
                 self._client.flush(name)
 
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert or replace rows by id, in batches, then flush: what `repair` writes, so that two
+        processes repairing at once (an indexer and a starting replica) leave one row per id."""
+        ids, vectors = check_added(ids, vectors, self.dim)
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids repeat within the batch")
+        name, batch = self.config.collection, self.config.batch
+        with self._lock, self._errors():
+            for start in range(0, len(ids), batch):
+                rows = [
+                    {PK: int(i), VECTOR: v} for i, v in zip(ids[start : start + batch], vectors[start : start + batch])
+                ]
+                self._client.upsert(name, rows)
+            if len(ids):
+                self._client.flush(name)
+
     def remove(self, ids: np.ndarray) -> int:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         with self._lock, self._errors():
@@ -427,18 +443,19 @@ class RepairReport:
 
 
 def repair(
-    index: VectorIndex, live_ids: np.ndarray, embeddings_for: Callable[[np.ndarray], np.ndarray], batch: int = 50_000
+    index: MilvusIndex, live_ids: np.ndarray, embeddings_for: Callable[[np.ndarray], np.ndarray], batch: int = 50_000
 ) -> RepairReport:
     """Make `index` hold exactly `live_ids` (the SQL store's, the source of truth): delete the extra
-    ids, insert the missing ones with `embeddings_for(ids)` -> float32 (len(ids), d), `batch` ids at a
-    time, ascending (the order of `Store.embeddings(collection, ids)`)."""
+    ids, upsert the missing ones with `embeddings_for(ids)` -> float32 (len(ids), d), `batch` ids at a
+    time, ascending (the order of `Store.embeddings(collection, ids)`). Upserts, not inserts: a
+    concurrent repair of the same ids leaves one row each."""
     live_ids = np.unique(np.asarray(live_ids, dtype=np.int64))
     present = index.ids()
     removed = index.remove(np.setdiff1d(present, live_ids))
     missing = np.setdiff1d(live_ids, present)
     for start in range(0, missing.size, batch):
         chunk = missing[start : start + batch]
-        index.add(chunk, embeddings_for(chunk))
+        index.upsert(chunk, embeddings_for(chunk))
     return RepairReport(added=int(missing.size), removed=removed)
 
 
