@@ -111,8 +111,8 @@ def milvus_config(store: Store, coll: Collection, expected_count: int = 1):
 def use_backend(store: Store, coll: Collection, backend: VectorBackend | None, index_type: str) -> Collection:
     """Record in SQL where `coll`'s vectors live from now on: `backend` (None: where they are
     now), with `index_type` for Milvus; returns the collection as recorded. A Milvus URI is checked
-    and connected to (the Milvus collection created) before anything is recorded, so an
-    unreachable one fails before any encoding; the credential is not recorded."""
+    and connected to before anything is recorded, so an unreachable one fails before any
+    encoding; the credential is not recorded."""
     from indexer.vectors.milvus import MilvusIndex
 
     name = backend.name if backend is not None else (coll.vector_backend or "faiss")
@@ -121,7 +121,10 @@ def use_backend(store: Store, coll: Collection, backend: VectorBackend | None, i
     uri = backend.uri if backend is not None else coll.vector_uri
     probe = dataclasses.replace(coll, vector_backend=MILVUS, vector_uri=uri, vector_index_type=index_type)
     config = milvus_config(store, probe)
-    MilvusIndex(config, _milvus_token(backend.token if backend is not None else None))
+    try:  # reachable? The Milvus collection itself is made by `open_milvus` once the images are in SQL,
+        MilvusIndex(config, _milvus_token(backend.token if backend is not None else None), create=False)
+    except InvalidIndexError:  # so that ivf plans its lists for their number
+        pass
     uri = config.uri  # absolute, for milvus-lite
     if (coll.vector_backend, coll.vector_uri, coll.vector_index_type) == (MILVUS, uri, index_type):
         return coll
@@ -164,7 +167,10 @@ def drop_milvus(store: Store, coll: Collection, token: str | None = None) -> Non
     """Drop the Milvus collection of a Milvus-backed collection (when the collection is deleted)."""
     from indexer.vectors.milvus import MilvusIndex
 
-    MilvusIndex(milvus_config(store, coll), _milvus_token(token)).drop()
+    try:
+        MilvusIndex(milvus_config(store, coll), _milvus_token(token), create=False).drop()
+    except InvalidIndexError:  # never created: nothing to drop
+        pass
 
 
 class IndexFiles:
