@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,10 @@ def test_errors_are_typed_and_name_the_fix(tmp_path):
     assert "unknown Milvus index type 'ivfpq'" in error(
         "index", pics, *MODEL, "--backend", "milvus", "--milvus-uri", str(tmp_path / "v.db"), "--index-type", "ivfpq"
     )
+    with pytest.MonkeyPatch.context() as patch:  # as if pymilvus were not installed
+        patch.setitem(sys.modules, "pymilvus", None)
+        missing = error("index", pics, *MODEL, "--backend", "milvus", "--milvus-uri", str(tmp_path / "v.db"))
+    assert "the Milvus client is not installed" in missing and "pip install 'clipbt[milvus]'" in missing
     with Store.open(home=home) as store:  # nothing was encoded or recorded by the failed runs
         assert [c.vector_backend for c in store.collections()] in ([], [None])
         assert all(store.image_ids(c.id).size == 0 for c in store.collections())
