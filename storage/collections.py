@@ -120,7 +120,8 @@ class CollectionsMixin:
         self, ref: str | int | Collection, backend: str | None, uri: str | None, index_type: str | None
     ) -> Collection:
         """Record where the collection's vectors live: backend None (index files in the data home,
-        uri and index_type None) or "milvus" with its URI (no credential) and index type."""
+        uri and index_type None) or "milvus" with its URI (no credential) and index type. Bumps
+        the collection's content version, so that long-running searchers open them anew."""
         if backend not in (None, "milvus"):
             raise InvalidRecordError(f"vector backend must be None or 'milvus', got {backend!r}")
         if (backend is None) != (uri is None) or (backend is None) != (index_type is None):
@@ -135,6 +136,7 @@ class CollectionsMixin:
                 .where(S.collections.c.id == coll.id)
                 .values(vector_backend=backend, vector_uri=uri, vector_index_type=index_type)
             )
+            _bump(conn, S.collections.c.content_version, [coll.id])  # searchers open the vectors anew
         return dataclasses.replace(coll, vector_backend=backend, vector_uri=uri, vector_index_type=index_type)
 
     def rename_collection(self, old: str, new: str) -> Collection:

@@ -192,3 +192,19 @@ def test_a_kill_between_the_sql_commit_and_the_milvus_write_is_repaired(tmp_path
         want_scores, want_ids = brute_force_topk(*store.embeddings("default"), query, 4)
     assert ids == want_ids[0].tolist()  # the printed scores are the cosines scaled by one factor
     assert np.allclose(scores / scores[0], want_scores[0] / want_scores[0, 0], atol=1e-5)
+
+
+def test_a_running_engine_follows_a_change_of_index_type(tmp_path):
+    """A long-running searcher (as `clipbt serve` keeps) opens the new Milvus collection once
+    another process re-indexes with another index type and drops the old one."""
+    from engine.api import Clipbt
+
+    make_images(tmp_path / "pics", 5)
+    home = tmp_path / "home"
+    run(home, "index", str(tmp_path / "pics"), *MODEL, "--backend", "milvus", "--milvus-uri", str(tmp_path / "v.db"))
+    with Clipbt.open(home) as clip:
+        before = [hit.id for hit in clip.search(QUERIES[0], k=4)]
+        assert clip.engine().index.kind == "milvus:FLAT"
+        run(home, "index", str(tmp_path / "pics"), *MODEL, "--index-type", "hnsw")
+        assert [hit.id for hit in clip.search(QUERIES[0], k=4)] == before
+        assert clip.engine().index.kind == "milvus:HNSW"

@@ -33,8 +33,10 @@ def test_a_v3_store_is_upgraded_to_v4(store_url):
         coll = store.collection("photos")
         assert (coll.vector_backend, coll.vector_uri, coll.vector_index_type) == (None, None, None)
         assert store.image_ids(coll.id).tolist() == ids and store.check_consistency().ok
+        version = store.content_version(coll.id)
         moved = store.set_vector_backend(coll, "milvus", "http://milvus:19530", "hnsw")
         assert store.collection("photos") == moved and moved.vector_uri == "http://milvus:19530"
+        assert store.content_version(coll.id) != version  # searchers notice the move
         assert store.set_vector_backend(coll, None, None, None).vector_backend is None
 
 
