@@ -38,8 +38,8 @@ Inserts are sent in batches of `MilvusConfig.batch` rows, then flushed once: wit
 milvus-lite answers every search by scanning unindexed rows. Even after it, Milvus (and milvus-lite,
 in a background thread) builds the index of new segments asynchronously, scanning them meanwhile;
 `wait_for_index` blocks until it is built. A crash can leave the collection
-out of step with the SQL store (the source of truth for which images exist): `repair` inserts the
-missing ids and deletes the extra ones on the next open.
+out of step with the SQL store (the source of truth for which images exist): `repair` upserts the
+missing ids and deletes the extra ones on the next open (`indexer.vectors.collection.open_milvus`).
 """
 
 import fcntl
