@@ -89,7 +89,8 @@ class Clipbt:
         return self.engine(collection).compare(user, query, a, b)
 
     def info(self, collection: str = "default") -> dict:
-        """What `clipbt info` shows: the collection, its model, counts, index type and devices."""
+        """What `clipbt info` shows: the collection, its model, counts, index type, where the vectors
+        live (backend, with the Milvus URI) and devices."""
         from indexer.vectors.collection import IndexFiles
 
         check_has_collection(self.store)
@@ -107,8 +108,13 @@ class Clipbt:
             "users": len(users),
             "pairs": sum(len(store.pairs(u, coll.id)) for u in users),
             "index_type": saved.get("index_type", "none (built on first search)"),
+            "backend": "faiss (index files in the data home)",
             "device": _devices(),
-        }
+        } | (
+            {"index_type": coll.vector_index_type, "backend": f"milvus at {coll.vector_uri}"}
+            if coll.vector_backend == "milvus"
+            else {}
+        )
 
 
 def _devices() -> str:

@@ -7,6 +7,10 @@ writes exactly these columns back, so an export imports again unchanged.
 The store wants a content hash and a size for every image. When the metadata lacks them: a uri that
 is a readable local file is hashed and its header read; otherwise sha256 is that of the uri text
 and the size 1x1, flagged with metadata `{"size_unknown": true}`.
+
+An import into a Milvus-backed collection (`vector_backend`, or one recorded so) ends by bringing the
+Milvus collection in step with SQL: the new rows inserted in batches, then flushed. A FAISS index
+is built on the first search instead.
 """
 
 import hashlib
@@ -21,6 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image as PILImage
 
 from indexer.errors import EmbeddingsFormatError
+from indexer.vectors.collection import MILVUS, VectorBackend, check_index_type, refresh, use_backend
 from storage import ImageRecord, Store
 from storage._sql import _SHA256
 from storage.limits import LimitError, check_text
@@ -78,9 +83,13 @@ def import_embeddings(
     model: str | None = None,
     pretrained: str | None = None,
     batch_rows: int = 4096,
+    vector_backend: VectorBackend | None = None,
+    index_type: str | None = None,
 ) -> ImportReport:
     """Add the rows of a clip-retrieval folder to `collection`, made by `model`/`pretrained`
-    (see indexer.encoder.model_identity; None: the shipped default model).
+    (see indexer.encoder.model_identity; None: the shipped default model). `vector_backend`:
+    where the collection's vectors go (None: where it keeps them); `index_type`: the Milvus index type
+    (None: the collection's, else flat).
 
     Whole-folder problems (missing files, wrong dimension, row counts that differ) raise
     EmbeddingsFormatError before anything is written; bad rows (not finite, norm not 1, no uri,
@@ -121,7 +130,17 @@ def import_embeddings(
             f"{collection!r} holds {existing.model}/{existing.pretrained} (dim {existing.dim}): nothing imported; "
             "import into another --collection, or give the --model and --pretrained they were made with"
         )
+    backend = vector_backend.name if vector_backend is not None else (existing and existing.vector_backend) or "faiss"
+    if backend == MILVUS:
+        index_type = index_type or (existing and existing.vector_index_type) or "flat"
+        check_index_type(index_type, min(dims), MILVUS)
+    elif index_type is not None:
+        raise EmbeddingsFormatError(
+            f"--index-type {index_type!r} is for a Milvus collection; a FAISS index is built on the first "
+            "search (choose its type with `clipbt index --index-type`)"
+        )
     coll = store.get_or_create_collection(collection, name, recorded, dims.pop())
+    coll = use_backend(store, coll, vector_backend, index_type)
     report = ImportReport(collection)
     live = {image.uri for image in store.images(coll.id)}
     first_row: dict[str, int] = {}
@@ -149,6 +168,10 @@ def import_embeddings(
                 store.add_images(coll.id, records, block[keep])
                 report.imported += len(records)
         offset += len(vectors)
+    if coll.vector_backend == MILVUS:
+        refresh(
+            store, coll, index_type, np.empty(0, np.int64), vector_backend.token if vector_backend is not None else None
+        )
     return report
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from indexer.encoder import Encoder
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
-from indexer.vectors.collection import check_index_type, refresh
+from indexer.vectors.collection import VectorBackend, check_index_type, refresh, use_backend
 from storage import Collection, ImageRecord, Store
 from storage.limits import LIMITS, check_count
 
@@ -40,7 +40,9 @@ class IndexOptions:
     batch_size: int = 256  # images per encoder batch, and per committed transaction (what a kill can lose)
     workers: int | None = None  # decoding processes; None: one per CPU core but one (max 32); 0: in-process
     remove_missing: bool = False  # mark deleted the collection's images under `paths` whose files are gone
-    index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss)
+    index_type: str = "flat"  # "flat", "ivf", "ivfpq", "hnsw" or a FAISS factory string (indexer.vectors.faiss);
+    # for Milvus "flat", "hnsw", "ivf" or a Milvus GPU type (indexer.vectors.milvus)
+    vectors: VectorBackend | None = None  # where the vectors go (None: where the collection keeps them, new: FAISS)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
     progress: bool = True  # tqdm bar on stderr, moving every PROGRESS_EVERY_S or so: files/s and skipped count
 
@@ -135,7 +137,7 @@ def index_paths(
     encoder = encoder or Encoder.load()
     report = IndexReport(collection)
     clock = functools.partial(timed, report.seconds)
-    coll = open_collection(store, collection, encoder, options.index_type)
+    coll = open_collection(store, collection, encoder, options.index_type, options.vectors)
     with indexing_lock(store, coll):  # runs on one collection take turns
         with clock("discover"):
             files, report.skipped = discover(paths)
@@ -181,13 +183,19 @@ def index_paths(
     return report
 
 
-def open_collection(store: Store, name: str, encoder: Encoder, index_type: str) -> Collection:
+def open_collection(
+    store: Store, name: str, encoder: Encoder, index_type: str, vectors: VectorBackend | None = None
+) -> Collection:
     """The collection `name` for `encoder`'s embeddings, created if missing (CollectionMismatchError
-    if it holds another model's); IndexTypeError for an index type that cannot hold them."""
-    check_index_type(index_type, encoder.dim)
-    return store.get_or_create_collection(
+    if it holds another model's), its vectors placed on `vectors` (None: where it keeps them);
+    IndexTypeError for an index type that cannot hold them."""
+    existing = next((c for c in store.collections() if c.name == name), None)
+    backend = vectors.name if vectors is not None else (existing and existing.vector_backend) or "faiss"
+    check_index_type(index_type, encoder.dim, backend)
+    coll = store.get_or_create_collection(
         name, encoder.model_name, encoder.pretrained, encoder.dim, checkpoint_path=encoder.checkpoint_path
     )
+    return use_backend(store, coll, vectors, index_type)
 
 
 def indexing_lock(store: Store, coll: Collection) -> FileLock:
@@ -232,7 +240,8 @@ def finish(
     if options.remove_missing:
         report.removed = _remove_missing(store, coll, paths, set(files), report.skipped)
     with clock("vector index"):
-        refresh(store, coll, options.index_type, np.asarray(added, dtype=np.int64))
+        token = options.vectors.token if options.vectors is not None else None
+        refresh(store, coll, options.index_type, np.asarray(added, dtype=np.int64), token)
     report.skipped.sort(key=lambda s: s.path)
     log.info("indexed %s: %s", coll.name, ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
 

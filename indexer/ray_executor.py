@@ -194,7 +194,7 @@ def index_paths_ray(
     clock = functools.partial(timed, report.seconds)
     with clock("load encoder (driver)"):
         encoder = Encoder.load(model, pretrained, "cpu")
-    coll = open_collection(store, collection, encoder, options.index_type)
+    coll = open_collection(store, collection, encoder, options.index_type, options.vectors)
     staging = Path(ray_options.staging or data_home() / "staging") / f"ray-{store.store_id[:12]}-collection-{coll.id}"
     staging.mkdir(parents=True, exist_ok=True)
     lock = FileLock(staging / ".lock")

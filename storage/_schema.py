@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3  # bump together with a new entry in MIGRATIONS
+SCHEMA_VERSION = 4  # bump together with a new entry in MIGRATIONS
 
 metadata = sa.MetaData()
 
@@ -28,6 +28,12 @@ collections = sa.Table(
     sa.Column("created", sa.DateTime(timezone=True), nullable=False),
     sa.Column("checkpoint_path", sa.Text, nullable=True),  # where a "sha256:" checkpoint was last read (v2)
     sa.Column("content_version", sa.Integer, nullable=False, server_default="0"),  # +1 when images come or go (v2)
+    # Where the vectors live (v4): NULL = index files in the data home (FAISS or exact, as their
+    # collection.json says); "milvus" = a Milvus collection at vector_uri (never a credential),
+    # indexed as vector_index_type (flat, hnsw, ivf or a Milvus GPU type).
+    sa.Column("vector_backend", sa.String(16), nullable=True),
+    sa.Column("vector_uri", sa.Text, nullable=True),
+    sa.Column("vector_index_type", sa.String(64), nullable=True),
     sqlite_autoincrement=True,
 )
 
@@ -167,4 +173,12 @@ def _to_v3_accounts(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=list(ACCOUNT_TABLES))
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _to_v2, 2: _to_v3_accounts}
+def _to_v4_vector_backend(conn: sa.Connection) -> None:
+    """v4: where a collection's vectors live (a Milvus collection rather than local index files),
+    so every process on every machine finds them from the database alone."""
+    conn.execute(sa.text("ALTER TABLE collections ADD COLUMN vector_backend VARCHAR(16)"))
+    conn.execute(sa.text("ALTER TABLE collections ADD COLUMN vector_uri TEXT"))
+    conn.execute(sa.text("ALTER TABLE collections ADD COLUMN vector_index_type VARCHAR(64)"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _to_v2, 2: _to_v3_accounts, 3: _to_v4_vector_backend}

@@ -116,6 +116,29 @@ class CollectionsMixin:
             for r in rows
         ]
 
+    def set_vector_backend(
+        self, ref: str | int | Collection, backend: str | None, uri: str | None, index_type: str | None
+    ) -> Collection:
+        """Record where the collection's vectors live: backend None (index files in the data home,
+        uri and index_type None) or "milvus" with its URI (no credential) and index type. Bumps
+        the collection's content version, so that long-running searchers open them anew."""
+        if backend not in (None, "milvus"):
+            raise InvalidRecordError(f"vector backend must be None or 'milvus', got {backend!r}")
+        if (backend is None) != (uri is None) or (backend is None) != (index_type is None):
+            raise InvalidRecordError(
+                f"a Milvus collection needs a URI and an index type, local index files neither; got "
+                f"backend {backend!r}, uri {uri!r}, index type {index_type!r}"
+            )
+        with self._write() as conn:
+            coll = self._collection(conn, ref)
+            conn.execute(
+                S.collections.update()
+                .where(S.collections.c.id == coll.id)
+                .values(vector_backend=backend, vector_uri=uri, vector_index_type=index_type)
+            )
+            _bump(conn, S.collections.c.content_version, [coll.id])  # searchers open the vectors anew
+        return dataclasses.replace(coll, vector_backend=backend, vector_uri=uri, vector_index_type=index_type)
+
     def rename_collection(self, old: str, new: str) -> Collection:
         """Give collection `old` the name `new`; CollectionExistsError if `new` is taken. Its images,
         preferences and index files stay as they are (they refer to it by id)."""
@@ -533,7 +556,18 @@ def _image_row(conn: sa.Connection, ref: int | str):
 
 
 def _collection(row) -> Collection:
-    return Collection(row.id, row.name, row.model, row.pretrained, row.dim, row.embedding_dtype, row.checkpoint_path)
+    return Collection(
+        row.id,
+        row.name,
+        row.model,
+        row.pretrained,
+        row.dim,
+        row.embedding_dtype,
+        row.checkpoint_path,
+        row.vector_backend,
+        row.vector_uri,
+        row.vector_index_type,
+    )
 
 
 def _image(row) -> Image:

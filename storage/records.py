@@ -15,6 +15,9 @@ class Collection:
     dim: int  # embedding dimension
     embedding_dtype: str = "float16"  # how embeddings are stored: "float16" or "float32"
     checkpoint_path: str | None = None  # where the "sha256:" checkpoint file was last read from
+    vector_backend: str | None = None  # None: index files in the data home; "milvus": a Milvus collection
+    vector_uri: str | None = None  # the Milvus URI (a milvus-lite path or http(s)://host:port), no credential
+    vector_index_type: str | None = None  # the Milvus index type name (flat, hnsw, ivf, GPU_...)
 
     def check_model(self, model: str, pretrained: str, dim: int, fix: str) -> None:
         """CollectionMismatchError, naming both models and `fix`, unless this collection was embedded by (model, pretrained, dim)."""

@@ -88,3 +88,32 @@ def make_bad_files(folder: Path) -> dict[str, str]:
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
     return {name: word for name, (_, word) in files.items()}
+
+
+# `clipbt ARGS` in a process of its own, with the test model registered: `python -c CLIPBT_SCRIPT
+# MODE ARGS...`. MODE "kill": SIGKILLed where `index_paths` would write the vector index, after
+# its SQL commits; "run": plainly.
+CLIPBT_SCRIPT = """
+import os, signal, sys
+import indexer.pipeline
+from indexer_fixtures import register_test_model
+from engine.cli import main
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+register_test_model()
+if sys.argv[1] == "kill":
+    indexer.pipeline.refresh = killed
+main(sys.argv[2:])
+"""
+
+
+def clipbt_argv(mode: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of a `clipbt` process running CLIPBT_SCRIPT from this checkout."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    return [sys.executable, "-c", CLIPBT_SCRIPT, mode, *args], env

@@ -47,7 +47,8 @@ def collections(ctx, as_json):
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def collections_delete(obj, name, yes):
-    """Delete collection NAME: its images, embeddings, index files and the preferences recorded in it.
+    """Delete collection NAME: its images, embeddings, index files (or Milvus collection) and the
+    preferences recorded in it.
 
     The image files themselves and the users are kept.
 
@@ -65,7 +66,12 @@ def collections_delete(obj, name, yes):
                 abort=True,
                 err=True,
             )
+        coll = store.collection(name)
         removed = store.delete_collection(name)
+        if coll.vector_backend is not None:  # after the SQL delete: a failure here leaves vectors, never images
+            from indexer.vectors.collection import drop_milvus
+
+            drop_milvus(store, coll)
     click.echo(
         f"deleted collection {name!r}: {removed['images']} images, {removed['pairs']} pairs, "
         f"{removed['rankings']} rankings, {removed['feedback']} feedback"

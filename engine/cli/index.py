@@ -19,6 +19,7 @@ from engine.cli.options import (
 from indexer.vectors.faiss import INDEX_TYPES
 from storage.limits import LIMITS
 
+TOKEN_ENV = "CLIPBT_MILVUS_TOKEN"  # = indexer.vectors.milvus.TOKEN_ENV (not imported: --help stays light)
 EXIT_DONE = 0  # every file or row was taken
 EXIT_SKIPPED = 3  # the run finished, but some files or rows were skipped (see the list)
 
@@ -51,6 +52,56 @@ def _is_world_folder(path: Path) -> bool:
     return (path / LABELS_FILE).is_file()
 
 
+def vector_options(command):
+    """--backend, --milvus-uri and --milvus-token, shared by `index` and `import-embeddings`."""
+    for option in reversed(
+        (
+            click.option(
+                "--backend",
+                type=click.Choice(["faiss", "milvus"]),
+                default=None,
+                help="Where the vectors live: faiss (index files in the data home) or milvus (a Milvus "
+                "collection) [default: where the collection keeps them; faiss for a new one]. Recorded in the "
+                "store: later commands need no flag.",
+            ),
+            click.option(
+                "--milvus-uri",
+                metavar="URI",
+                default=None,
+                help="With --backend milvus: a milvus-lite file (./vectors.db, one process at a time) or "
+                "http(s)://host:port of a Milvus server or cluster.",
+            ),
+            click.option(
+                "--milvus-token",
+                envvar=TOKEN_ENV,
+                show_envvar=True,
+                default=None,
+                help=f"Milvus credential (a token, or user:password); never stored: other commands read ${TOKEN_ENV}.",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def resolve_vectors(obj, collection: str, backend, uri, token, index_type):
+    """(VectorBackend, index type): the flags, completed by what the collection records (a Milvus
+    collection keeps its URI and index type unless they are given again, flat for a new one); a new
+    collection gets FAISS, whose index type stays as given (None: the command's default)."""
+    from indexer.vectors.collection import MILVUS, VectorBackend
+
+    with obj.open_store() as store:
+        existing = next((c for c in store.collections() if c.name == collection), None)
+    recorded = existing is not None and existing.vector_backend == MILVUS
+    name = backend or (MILVUS if recorded else "faiss")
+    if name != MILVUS:
+        return VectorBackend(name, uri), index_type
+    if recorded:
+        uri = uri or existing.vector_uri
+        index_type = index_type or existing.vector_index_type
+    return VectorBackend(MILVUS, uri, token), index_type or "flat"
+
+
 def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str]) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -77,10 +128,11 @@ def _finish(summary: dict, as_json: bool, lines: list[str], problems: list[str])
 )
 @click.option(
     "--index-type",
-    default="flat",
-    show_default=True,
-    help=f"{', '.join(INDEX_TYPES)}, exact (clipbt's exact kernel), or a FAISS factory string (e.g. 'IVF256,SQ8').",
+    default=None,
+    help=f"FAISS: {', '.join(INDEX_TYPES)}, exact (clipbt's exact kernel), or a factory string (e.g. 'IVF256,SQ8'); "
+    "Milvus: flat, hnsw, ivf, or a Milvus GPU type (GPU_CAGRA...) [default: flat; a Milvus collection keeps its own].",
 )
+@vector_options
 @click.option("--remove-missing", is_flag=True, help="Drop images under PATHS whose files are gone.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 # -- the Ray executor (indexer/ray_executor.py) --
@@ -115,6 +167,9 @@ def index_command(
     batch_size,
     workers,
     index_type,
+    backend,
+    milvus_uri,
+    milvus_token,
     remove_missing,
     progress,
     executor,
@@ -122,7 +177,8 @@ def index_command(
     gpus_per_worker,
     as_json,
 ):
-    """Embed the images under PATHS (folders walked recursively) into a collection and its FAISS index.
+    """Embed the images under PATHS (folders walked recursively) into a collection and its vector index
+    (FAISS files in the data home, or a Milvus collection with --backend milvus).
 
     The default model is ViT-B-32 with LAION-2B weights (laion2b_s34b_b79k), downloaded once into
     the Hugging Face cache. `--model clipbt-tiny` is the shipped offline model, which knows only
@@ -137,14 +193,22 @@ def index_command(
         clipbt index ~/Pictures --model ViT-B-32 --pretrained openai --json
 
         clipbt index /data/photos --executor ray --ray-address ray://head:10001
+
+        clipbt index /data/photos --backend milvus --milvus-uri http://milvus:19530 --index-type hnsw
     """
     from indexer.encoder import GENERAL_MODEL, SHIPPED_MODEL, Encoder
     from indexer.pipeline import IndexOptions, index_paths
 
+    vectors, index_type = resolve_vectors(obj, collection, backend, milvus_uri, milvus_token, index_type)
     if model is None and pretrained is None:
         model, pretrained = GENERAL_MODEL
     options = IndexOptions(
-        batch_size=batch_size, workers=workers, remove_missing=remove_missing, index_type=index_type, progress=progress
+        batch_size=batch_size,
+        workers=workers,
+        remove_missing=remove_missing,
+        index_type=index_type or "flat",
+        vectors=vectors,
+        progress=progress,
     )
     if executor == "ray":
         from indexer.ray_executor import RayOptions, index_paths_ray
@@ -180,9 +244,18 @@ def index_command(
 @collection_option
 @model_option
 @pretrained_option
+@click.option(
+    "--index-type",
+    default=None,
+    help="With a Milvus collection: flat, hnsw, ivf or a Milvus GPU type [default: the collection's, else flat]. "
+    "A FAISS index is built on the first search.",
+)
+@vector_options
 @json_option
 @click.pass_obj
-def import_embeddings_command(obj, directory, collection, model, pretrained, as_json):
+def import_embeddings_command(
+    obj, directory, collection, model, pretrained, index_type, backend, milvus_uri, milvus_token, as_json
+):
     """Import precomputed embeddings in clip-retrieval's layout (img_emb/img_emb_N.npy and
     metadata/metadata_N.parquet with an image_path or url column) made by --model/--pretrained.
 
@@ -192,11 +265,22 @@ def import_embeddings_command(obj, directory, collection, model, pretrained, as_
     Example:
 
         clipbt import-embeddings ./embeddings --model ViT-B-32 --pretrained openai
+
+        clipbt import-embeddings ./embeddings --backend milvus --milvus-uri ./vectors.db
     """
     from indexer.embeddings_io import import_embeddings  # pyarrow: imported only by the commands that need it
 
+    vectors, index_type = resolve_vectors(obj, collection, backend, milvus_uri, milvus_token, index_type)
     with obj.open_store() as store:
-        report = import_embeddings(store, directory, collection, model, pretrained)
+        report = import_embeddings(
+            store,
+            directory,
+            collection,
+            model,
+            pretrained,
+            vector_backend=vectors,
+            index_type=index_type,
+        )
     _finish(
         report.to_dict(),
         as_json,

@@ -6,12 +6,11 @@ from contextlib import contextmanager
 import click
 
 from engine.cli.options import collection_option
-from storage import Store
 
 
 @contextmanager
 def _store(obj):
-    with Store.open(home=obj.home) as store:
+    with obj.open_store() as store:  # --db, else the SQLite file in the data home
         yield store
 
 
@@ -119,7 +118,7 @@ def serve(obj, host, port, collection, https_only):
         from engine.serve import ServeConfig, create_app
     except ModuleNotFoundError as exc:
         raise click.ClickException(f"`clipbt serve` needs {exc.name}: pip install 'clipbt[serve]'") from None
-    app = create_app(ServeConfig(home=obj.home, collection=collection, https_only=https_only))
+    app = create_app(ServeConfig(home=obj.home, db=obj.db, collection=collection, https_only=https_only))
     click.echo(f"clipbt serving collection {collection!r} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -6,15 +6,25 @@ them, naming the backend and what the index was built for (collection, model, ch
 index type). `load` returns None with a `reason` when either is missing or damaged, the model
 differs, a live image is missing or an unknown id is present; `open_index` then rebuilds from
 SQL and logs why. Deleted images the saved index still holds are removed from it on load.
+
+A collection whose vectors live in Milvus (`Collection.vector_backend` "milvus", recorded in SQL
+with its URI and index type by `use_backend`) has no local files: every process on every machine
+opens the Milvus collection named by `milvus_config`, and reconciles it with SQL on open
+(`open_index`) and after each indexing run (`refresh`): ids live in SQL but missing from Milvus
+are upserted in batches and flushed, ids Milvus holds that are not live in SQL are deleted. So a
+process killed between its SQL commit and its Milvus write is repaired by the next one that opens
+the collection. The credential comes from the caller or $CLIPBT_MILVUS_TOKEN, never from SQL.
 """
 
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from indexer.errors import MilvusError
 from indexer.vectors.base import VectorIndex
 from indexer.vectors.faiss import plan_index
 from storage import Collection, Store
@@ -25,6 +35,8 @@ log = logging.getLogger(__name__)
 IDENTITY = "collection.json"
 _IDENTITY_KEYS = ("collection_id", "model", "pretrained", "dim")
 EXACT = "exact"  # the index type of clipbt's exact kernel (`indexer.vectors.exact.ExactIndex`)
+MILVUS = "milvus"  # the vector backend of a collection kept in Milvus (`indexer.vectors.milvus`)
+BACKENDS = ("faiss", MILVUS)  # what `clipbt index --backend` takes; "faiss" covers --index-type exact too
 _REUSE_LIMIT = 0.1  # a saved index is extended (not rebuilt) while added or deleted ids stay under this share
 
 
@@ -50,7 +62,115 @@ def backend_class(name: str) -> type[VectorIndex]:
         from indexer.vectors.exact import ExactIndex
 
         return ExactIndex
+    if name == MILVUS:
+        from indexer.vectors.milvus import MilvusIndex
+
+        return MilvusIndex
     raise InvalidIndexError(f"unknown vector backend {name!r}")
+
+
+@dataclass(frozen=True)
+class VectorBackend:
+    """Where `clipbt index` and `import-embeddings` put a collection's vectors."""
+
+    name: str = "faiss"  # "faiss": index files in the data home (FAISS, or --index-type exact); "milvus"
+    uri: str | None = None  # milvus: a milvus-lite path ending in .db, or http(s)://host:port
+    token: str | None = field(default=None, repr=False)  # Milvus credential ("user:password" or a token); never stored
+
+    def __post_init__(self):
+        if self.name not in BACKENDS:
+            raise MilvusError(f"unknown vector backend {self.name!r}: use one of {', '.join(BACKENDS)}")
+        if self.name == MILVUS and not self.uri:
+            raise MilvusError(
+                "--backend milvus needs --milvus-uri URI: a milvus-lite file (e.g. ./vectors.db) or "
+                "http(s)://host:port of a Milvus server"
+            )
+        if self.name != MILVUS and self.uri:
+            raise MilvusError(f"--milvus-uri {self.uri} is for --backend milvus, not {self.name!r}")
+        if self.name == MILVUS:
+            from indexer.vectors.milvus import require_pymilvus
+
+            require_pymilvus()  # the install hint now, before any work
+
+
+def milvus_name(store: Store, coll: Collection) -> str:
+    """The Milvus collection holding `coll`'s vectors: unique per store, collection and index type
+    (a new index type fills a new one, and the old one is dropped once it is full)."""
+    return f"clipbt_{store.store_id[:12]}_{coll.id}_{coll.vector_index_type.lower()}"
+
+
+def milvus_config(store: Store, coll: Collection, expected_count: int = 1):
+    """The `MilvusConfig` of a Milvus-backed collection, from what SQL records."""
+    from indexer.vectors.milvus import MilvusConfig
+
+    return MilvusConfig(
+        coll.vector_uri, milvus_name(store, coll), coll.dim, coll.vector_index_type, expected_count=expected_count
+    )
+
+
+def use_backend(store: Store, coll: Collection, backend: VectorBackend | None, index_type: str) -> Collection:
+    """Record in SQL where `coll`'s vectors live from now on: `backend` (None: where they are
+    now), with `index_type` for Milvus; returns the collection as recorded. A Milvus URI is checked
+    and connected to before anything is recorded, so an unreachable one fails before any
+    encoding; the credential is not recorded."""
+    from indexer.vectors.milvus import MilvusIndex
+
+    name = backend.name if backend is not None else (coll.vector_backend or "faiss")
+    if name != MILVUS:
+        return coll if coll.vector_backend is None else store.set_vector_backend(coll, None, None, None)
+    uri = backend.uri if backend is not None else coll.vector_uri
+    probe = dataclasses.replace(coll, vector_backend=MILVUS, vector_uri=uri, vector_index_type=index_type)
+    config = milvus_config(store, probe)
+    try:  # reachable? The Milvus collection itself is made by `open_milvus` once the images are in SQL,
+        MilvusIndex(config, _milvus_token(backend.token if backend is not None else None), create=False)
+    except InvalidIndexError:  # so that ivf plans its lists for their number
+        pass
+    uri = config.uri  # absolute, for milvus-lite
+    if (coll.vector_backend, coll.vector_uri, coll.vector_index_type) == (MILVUS, uri, index_type):
+        return coll
+    return store.set_vector_backend(coll, MILVUS, uri, index_type)
+
+
+def _milvus_token(token: str | None) -> str | None:
+    from indexer.vectors.milvus import TOKEN_ENV
+
+    return token or os.environ.get(TOKEN_ENV)
+
+
+def open_milvus(store: Store, coll: Collection, token: str | None = None, writing: bool = False):
+    """The `MilvusIndex` of a Milvus-backed collection, created if missing and reconciled with SQL
+    (`indexer.vectors.milvus.repair`). `writing`: called to write what a run committed to SQL
+    (no warning about it), and to drop this collection's Milvus collections of other index types
+    (left by a change of index type)."""
+    from indexer.vectors.milvus import MilvusIndex, repair
+
+    live = store.image_ids(coll.id)
+    index = MilvusIndex(milvus_config(store, coll, max(1, live.size)), _milvus_token(token))
+    report = repair(index, live, lambda ids: store.embeddings(coll.id, ids)[1])
+    if report.added or report.removed:
+        (log.info if writing else log.warning)(
+            "Milvus collection %s of %r brought in step with the store: inserted %d, deleted %d",
+            index.config.collection,
+            coll.name,
+            report.added,
+            report.removed,
+        )
+    if writing:
+        prefix = milvus_name(store, dataclasses.replace(coll, vector_index_type=""))
+        for other in index._client.list_collections():
+            if other.startswith(prefix) and other != index.config.collection:
+                index._client.drop_collection(other)
+    return index
+
+
+def drop_milvus(store: Store, coll: Collection, token: str | None = None) -> None:
+    """Drop the Milvus collection of a Milvus-backed collection (when the collection is deleted)."""
+    from indexer.vectors.milvus import MilvusIndex
+
+    try:
+        MilvusIndex(milvus_config(store, coll), _milvus_token(token), create=False).drop()
+    except InvalidIndexError:  # never created: nothing to drop
+        pass
 
 
 class IndexFiles:
@@ -192,9 +312,14 @@ def build(store: Store, coll: Collection, index_type: str) -> VectorIndex:
     return FaissIndex.build(ids, embeddings, index_type)
 
 
-def check_index_type(index_type: str, dim: int) -> None:
-    """IndexTypeError now, before any encoding, if `index_type` cannot make an index of dimension `dim`."""
-    if index_type != EXACT:
+def check_index_type(index_type: str, dim: int, backend: str = "faiss") -> None:
+    """IndexTypeError now, before any encoding, if `index_type` cannot make an index of dimension
+    `dim` on `backend` ("faiss" or "milvus")."""
+    if backend == MILVUS:
+        from indexer.vectors.milvus import plan_index as plan_milvus
+
+        plan_milvus(index_type, dim, 1)
+    elif index_type != EXACT:
         from indexer.vectors.faiss import check_index_type as check_faiss_type
 
         check_faiss_type(index_type, dim)
@@ -212,9 +337,13 @@ def rebuild(store: Store, coll: Collection, index_type: str) -> VectorIndex:
     return index
 
 
-def refresh(store: Store, coll: Collection, index_type: str, added: np.ndarray) -> None:
+def refresh(store: Store, coll: Collection, index_type: str, added: np.ndarray, token: str | None = None) -> None:
     """Bring the saved index up to date after `added` images: extend the saved one when little
-    changed (always, for exact types, which need no training), else rebuild from SQL."""
+    changed (always, for exact types, which need no training), else rebuild from SQL. A Milvus
+    collection is reconciled with SQL instead (`open_milvus`, with the credential `token`)."""
+    if coll.vector_backend == MILVUS:
+        open_milvus(store, coll, token, writing=True)
+        return
     files = IndexFiles(store, coll)
     identity = files.identity()
     if identity is not None and identity.get("index_type") == index_type:
@@ -237,7 +366,19 @@ def catch_up(store: Store, coll: Collection, index: VectorIndex) -> VectorIndex 
     """A copy of a loaded `index` with the images added and deleted since applied (reading the
     embeddings of the added ones only), for a process that keeps an index loaded while others
     index: the loaded one stays searchable meanwhile. None when a rebuild is due instead (an id
-    the collection does not know, or, for a trained type, more new images than `refresh` adds)."""
+    the collection does not know, or, for a trained type, more new images than `refresh` adds).
+    A Milvus index is shared and kept current by the processes that change the collection: it is
+    returned as it is, unless the collection has moved (another backend, URI or index type)."""
+    from indexer.vectors.milvus import MilvusIndex
+
+    current = store.collection(coll.id)
+    if isinstance(index, MilvusIndex) or current.vector_backend == MILVUS:
+        same = (
+            isinstance(index, MilvusIndex)
+            and current.vector_backend == MILVUS
+            and (index.config.uri, index.config.collection) == (current.vector_uri, milvus_name(store, current))
+        )
+        return index if same else None
     expected = IndexFiles(store, coll).expected()
     held = index.ids()
     added = np.setdiff1d(expected.live_ids, held)
@@ -257,8 +398,11 @@ def catch_up(store: Store, coll: Collection, index: VectorIndex) -> VectorIndex 
 
 
 def open_index(store: Store, collection: str | int | Collection) -> VectorIndex:
-    """A collection's saved index, or one rebuilt (and saved) from SQL when missing or stale, logging why."""
+    """A collection's saved index, or one rebuilt (and saved) from SQL when missing or stale, logging
+    why; for a Milvus collection, its Milvus index reconciled with SQL (`open_milvus`)."""
     coll = store.collection(collection)
+    if coll.vector_backend == MILVUS:
+        return open_milvus(store, coll)
     files = IndexFiles(store, coll)
     index = files.load()
     if index is None:

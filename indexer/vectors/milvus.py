@@ -38,8 +38,8 @@ Inserts are sent in batches of `MilvusConfig.batch` rows, then flushed once: wit
 milvus-lite answers every search by scanning unindexed rows. Even after it, Milvus (and milvus-lite,
 in a background thread) builds the index of new segments asynchronously, scanning them meanwhile;
 `wait_for_index` blocks until it is built. A crash can leave the collection
-out of step with the SQL store (the source of truth for which images exist): `repair` inserts the
-missing ids and deletes the extra ones on the next open.
+out of step with the SQL store (the source of truth for which images exist): `repair` upserts the
+missing ids and deletes the extra ones on the next open (`indexer.vectors.collection.open_milvus`).
 """
 
 import fcntl
@@ -92,7 +92,7 @@ def plan_index(index_type: str, dim: int, expected_count: int) -> IndexPlan:
     name = INDEX_TYPES.get(index_type.lower(), index_type.upper())
     n = max(1, expected_count)
     nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))
-    nprobe = min(nlist, max(16, nlist // 16))
+    nprobe = nprobe_for(nlist)
     if name == "FLAT":
         return IndexPlan(name, {}, {}, True)
     if name == "HNSW":
@@ -109,6 +109,11 @@ def plan_index(index_type: str, dim: int, expected_count: int) -> IndexPlan:
     raise IndexTypeError(
         f"unknown Milvus index type {index_type!r}: use one of {', '.join(INDEX_TYPES)} or {', '.join(GPU_INDEX_TYPES)}"
     )
+
+
+def nprobe_for(nlist: int) -> int:
+    """IVF lists visited per query for an index of `nlist` lists (FAISS's "ivf" plan)."""
+    return min(nlist, max(16, nlist // 16))
 
 
 def without_credentials(uri: str) -> str:
@@ -203,6 +208,7 @@ class MilvusIndex(VectorIndex):
         self.dim = config.dim
         self.kind = f"milvus:{config.plan.milvus_type}"
         self.exact = config.plan.exact
+        self.search_params = dict(config.plan.search)  # an existing IVF collection's: from its own nlist
         self._lock = threading.Lock()
         self._client = _connect(config, token)
         name = config.collection
@@ -244,6 +250,9 @@ class MilvusIndex(VectorIndex):
                 f"(id field {found[0]}, dim {found[1]}, index {found[2]}, metric {found[3]}); asked for dim {cfg.dim}, "
                 f"index {cfg.plan.milvus_type}, metric IP: choose another collection name or drop it"
             )
+        nlist = (index.get("params") or index).get("nlist")  # milvus-lite nests the parameters, servers do not
+        if "nprobe" in self.search_params and nlist is not None:  # planned for the size when it was created
+            self.search_params["nprobe"] = nprobe_for(int(nlist))
 
     @contextmanager
     def _errors(self):
@@ -273,6 +282,28 @@ class MilvusIndex(VectorIndex):
                 self._client.insert(name, rows)
             if len(ids):
                 self._client.flush(name)
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray, flush: bool = True) -> None:
+        """Insert or replace rows by id, in batches, then flush (unless `flush` is False: the caller
+        flushes once after its last call): what `repair` writes, so that two processes repairing at
+        once (an indexer and a starting replica) leave one row per id."""
+        ids, vectors = check_added(ids, vectors, self.dim)
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids repeat within the batch")
+        name, batch = self.config.collection, self.config.batch
+        with self._lock, self._errors():
+            for start in range(0, len(ids), batch):
+                rows = [
+                    {PK: int(i), VECTOR: v} for i, v in zip(ids[start : start + batch], vectors[start : start + batch])
+                ]
+                self._client.upsert(name, rows)
+            if len(ids) and flush:
+                self._client.flush(name)
+
+    def flush(self) -> None:
+        """Seal what was written, so that searches use the index instead of scanning it."""
+        with self._lock, self._errors():
+            self._client.flush(self.config.collection)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -325,7 +356,9 @@ class MilvusIndex(VectorIndex):
         found = np.full((len(queries), k), -1, dtype=np.int64)
         if not len(queries):
             return scores, found
-        params = {key: max(value, k) if key in ("ef", "itopk_size") else value for key, value in plan.search.items()}
+        params = {
+            key: max(value, k) if key in ("ef", "itopk_size") else value for key, value in self.search_params.items()
+        }
         with self._errors():
             result = self._client.search(
                 self.config.collection,
@@ -353,7 +386,7 @@ class MilvusIndex(VectorIndex):
             "collection": cfg.collection,
             "index_type": cfg.index_type,
             "index_params": cfg.plan.build,
-            "search_params": cfg.plan.search,
+            "search_params": self.search_params,
             "exact": self.exact,
         }
 
@@ -385,8 +418,7 @@ class MilvusIndex(VectorIndex):
         """Flush, then record where the collection lives in `directory`/manifest.json (no credentials)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with self._lock, self._errors():
-            self._client.flush(self.config.collection)
+        self.flush()
         manifest = {
             "format": MANIFEST_FORMAT,
             "backend": "milvus",
@@ -427,18 +459,21 @@ class RepairReport:
 
 
 def repair(
-    index: VectorIndex, live_ids: np.ndarray, embeddings_for: Callable[[np.ndarray], np.ndarray], batch: int = 50_000
+    index: MilvusIndex, live_ids: np.ndarray, embeddings_for: Callable[[np.ndarray], np.ndarray], batch: int = 50_000
 ) -> RepairReport:
     """Make `index` hold exactly `live_ids` (the SQL store's, the source of truth): delete the extra
-    ids, insert the missing ones with `embeddings_for(ids)` -> float32 (len(ids), d), `batch` ids at a
-    time, ascending (the order of `Store.embeddings(collection, ids)`)."""
+    ids, upsert the missing ones with `embeddings_for(ids)` -> float32 (len(ids), d), `batch` ids at a
+    time, ascending (the order of `Store.embeddings(collection, ids)`), flushed once at the end.
+    Upserts, not inserts: a concurrent repair of the same ids leaves one row each."""
     live_ids = np.unique(np.asarray(live_ids, dtype=np.int64))
     present = index.ids()
     removed = index.remove(np.setdiff1d(present, live_ids))
     missing = np.setdiff1d(live_ids, present)
     for start in range(0, missing.size, batch):
         chunk = missing[start : start + batch]
-        index.add(chunk, embeddings_for(chunk))
+        index.upsert(chunk, embeddings_for(chunk), flush=False)
+    if missing.size:
+        index.flush()
     return RepairReport(added=int(missing.size), removed=removed)
 
 

@@ -116,6 +116,18 @@ def test_wait_for_index_builds_every_segment_index(tmp_path):
     assert recall_at(10, ids, base, queries, index.search(queries, 10)[1]) >= 0.95
 
 
+def test_reopened_ivf_probes_for_its_own_lists(lite_uri):
+    """nprobe follows the nlist the collection was built with, whatever size the opener expects."""
+    ids, base, queries = clustered(3000, 16, 10, seed=14)
+    built = new_index(lite_uri, 16, "ivf")  # planned for 3000: nlist 76, nprobe 16
+    built.add(ids, base)
+    config = MilvusConfig(lite_uri, built.config.collection, 16, "ivf", expected_count=10**6)
+    assert config.plan.search == {"nprobe": 250}
+    reopened = MilvusIndex(config)
+    assert reopened.search_params == {"nprobe": 16} == reopened.describe()["search_params"]
+    assert recall_at(10, ids, base, queries, reopened.search(queries, 10)[1]) >= 0.95
+
+
 def test_search_params_grow_with_k(lite_uri):
     """HNSW's ef must reach k: a k above the default ef still returns k distinct ids."""
     ids, base, queries = clustered(400, 16, 5, seed=7)
