@@ -113,13 +113,14 @@ def run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, co
 
 
 PRIORS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e6)  # ranking prior precisions tried for compare's probabilities
+TEMPERATURES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # and the scale t of P = sigmoid(t (theta_a - theta_b))
 
 
 def compare_calibration(x, pairs_ids, images, utilities, candidates, beta: float) -> dict:
     """compare's P(a over b) for every pair of the candidates (asked ones included: the user answers afresh),
-    per ranking prior precision: the expected log-likelihood of the user's answer, the expected calibration
-    error (10 bins; a bin's accuracy is the mean true probability that its favoured image wins) and the mean
-    probability given to the side the user chose on the asked pairs."""
+    per (ranking prior precision, probability temperature t): the expected log-likelihood of the user's answer,
+    the expected calibration error (10 bins; a bin's accuracy is the mean true probability that its favoured
+    image wins) and the mean probability given to the side the user chose on the asked pairs."""
     cand = np.asarray(candidates)
     where = {int(i): c for c, i in enumerate(cand)}
     direct = [(where[a], where[b]) for a, b in pairs_ids if a in where and b in where]
@@ -130,21 +131,22 @@ def compare_calibration(x, pairs_ids, images, utilities, candidates, beta: float
     out = {}
     for prior in PRIORS:
         theta = fit_strengths(beta * (images[cand] @ x), win, lose, None, prior, RankConfig().newton_steps)
-        p = np.clip(1 / (1 + np.exp(-(theta[i] - theta[j]))), 1e-9, 1 - 1e-9)
-        conf = np.maximum(p, 1 - p)
-        hit = np.where(p >= 0.5, p_true, 1 - p_true)
-        edges = np.minimum(((conf - 0.5) * 20).astype(int), 9)
-        ece = sum(
-            (edges == b).mean() * abs(hit[edges == b].mean() - conf[edges == b].mean())
-            for b in range(10)
-            if (edges == b).any()
-        )
-        chosen = 1 / (1 + np.exp(-(theta[win] - theta[lose]))) if len(win) else np.array([np.nan])
-        out[prior] = {
-            "log_likelihood": float(np.mean(p_true * np.log(p) + (1 - p_true) * np.log(1 - p))),
-            "ece": float(ece),
-            "p_of_stated_answer": float(np.mean(chosen)),
-        }
+        for t in TEMPERATURES:
+            p = np.clip(1 / (1 + np.exp(-t * (theta[i] - theta[j]))), 1e-9, 1 - 1e-9)
+            conf = np.maximum(p, 1 - p)
+            hit = np.where(p >= 0.5, p_true, 1 - p_true)
+            edges = np.minimum(((conf - 0.5) * 20).astype(int), 9)
+            ece = sum(
+                (edges == b).mean() * abs(hit[edges == b].mean() - conf[edges == b].mean())
+                for b in range(10)
+                if (edges == b).any()
+            )
+            chosen = 1 / (1 + np.exp(-t * (theta[win] - theta[lose]))) if len(win) else np.array([np.nan])
+            out[prior, t] = {
+                "log_likelihood": float(np.mean(p_true * np.log(p) + (1 - p_true) * np.log(1 - p))),
+                "ece": float(ece),
+                "p_of_stated_answer": float(np.mean(chosen)),
+            }
     return out
 
 
@@ -174,7 +176,11 @@ def main() -> None:
     strategies = args.strategies.split(",")
     results = {s: {t: {"taste": [], "relevance": [], "pair_accuracy": []} for t in CHECKPOINTS} for s in strategies}
     plain = {"taste": [], "relevance": [], "pair_accuracy": []}
-    calibration = {prior: {"log_likelihood": [], "ece": [], "p_of_stated_answer": []} for prior in PRIORS}
+    calibration = {
+        (prior, t): {"log_likelihood": [], "ece": [], "p_of_stated_answer": []}
+        for prior in PRIORS
+        for t in TEMPERATURES
+    }
     for ui, user in enumerate(users):
         utilities = user.utilities(attrs)
         for qi, ((colour, shape), x0) in enumerate(zip(queries, texts)):
@@ -192,11 +198,11 @@ def main() -> None:
                     for key, value in row.items():
                         results[strategy][t][key].append(value)
                 if strategy == strategies[0]:
-                    for prior, row in compare_calibration(
+                    for setting, row in compare_calibration(
                         x, pairs_ids, images, utilities, candidates, config.posterior.beta
                     ).items():
                         for key, value in row.items():
-                            calibration[prior][key].append(value)
+                            calibration[setting][key].append(value)
         print(f"user {ui + 1}/{len(users)} done, {time.time() - start:.0f} s", flush=True)
     summary = {
         s: {
@@ -220,9 +226,19 @@ def main() -> None:
         "compare_calibration": {
             "strategy": strategies[0],
             "answers": max(CHECKPOINTS),
-            "by_ranking_prior_precision": {
-                str(prior): {k: float(np.mean(v)) for k, v in row.items()} for prior, row in calibration.items()
+            "by_prior_precision_and_temperature": {
+                str(prior): {
+                    str(t): {k: float(np.mean(v)) for k, v in calibration[prior, t].items()} for t in TEMPERATURES
+                }
+                for prior in PRIORS
             },
+            "best": dict(
+                zip(
+                    ("prior_precision", "temperature"),
+                    max(calibration, key=lambda s: np.mean(calibration[s]["log_likelihood"])),
+                )
+            ),
+            "in_use": {"prior_precision": rank.prior_precision, "temperature": rank.temperature},
         },
         "seconds": round(time.time() - start, 1),
     }
@@ -237,11 +253,16 @@ def main() -> None:
                 f"{s:>13} {t:>7} {r['taste']['mean']:7.3f} {r['relevance']['mean']:9.3f} {r['pair_accuracy']['mean']:8.3f}"
             )
     print(
-        f"\ncompare after {max(CHECKPOINTS)} answers ({strategies[0]}): ranking prior precision -> expected "
-        "log-likelihood, ECE, P(stated answer)"
+        f"\ncompare after {max(CHECKPOINTS)} answers ({strategies[0]}): ranking prior precision, temperature -> "
+        "expected log-likelihood, ECE, P(stated answer)"
     )
-    for prior, row in report["compare_calibration"]["by_ranking_prior_precision"].items():
-        print(f"{float(prior):>10g} {row['log_likelihood']:8.4f} {row['ece']:6.3f} {row['p_of_stated_answer']:6.3f}")
+    for prior, by_t in report["compare_calibration"]["by_prior_precision_and_temperature"].items():
+        for t, row in by_t.items():
+            print(
+                f"{float(prior):>10g} {float(t):5.2f} {row['log_likelihood']:8.4f} {row['ece']:6.3f} "
+                f"{row['p_of_stated_answer']:6.3f}"
+            )
+    print("best by log-likelihood:", report["compare_calibration"]["best"])
     _plot(report, args.out.with_suffix(".png"))
 
 

@@ -12,7 +12,9 @@ query at a time (median of `--reps`) and batches of 256 on a CPU, 1024 on a GPU 
 every result of the method equals the float64 brute-force top-k (each returned id carries the
 reference's score at its rank, to 1e-5; ties allowed). `kernels`: the bare score products
 (float32, bfloat16, float16 matmul; fbgemm int8) with top-k, measured the same way, which is why
-ExactIndex picks its candidate pass per device. `load_average`: the machine's 1/5/15-minute load
+ExactIndex picks its candidate pass per device. `by_batch_ms`: both methods at batch sizes 1 to
+256, to see where one overtakes the other. FAISS runs as clipbt configures it
+(`indexer.vectors.faiss.require_faiss`: batches of 20+ queries through BLAS). `load_average`: the machine's 1/5/15-minute load
 before and after, since other work on a shared machine slows both methods.
 Writes benchmarks/results/exact_cpu.json (exact_gpu.json on a GPU) and a PNG beside it.
 """
@@ -24,7 +26,6 @@ import statistics
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from machine import describe  # benchmarks/machine.py
@@ -37,10 +38,12 @@ from indexer.vectors.exact import (
     int8_available,
     sketch_rows,
 )
+from indexer.vectors.faiss import require_faiss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"S": 10_000, "M": 100_000, "L": 1_000_000}
 DEPTH = 26  # candidate_count(10): max(2 * 10, 10 + 16)
+SWEEP = (1, 4, 16, 64, 256)  # batch sizes timed for both methods: where one overtakes the other
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -137,7 +140,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     start = time.perf_counter()
-    flat = faiss.IndexFlatIP(args.dim)
+    flat = require_faiss().IndexFlatIP(args.dim)
     flat.add(vectors)
     build = {"faiss_flat": time.perf_counter() - start}
     start = time.perf_counter()
@@ -173,6 +176,12 @@ def main() -> None:
         facts[name].update(
             single_ms=round(1000 * one[name], 3), batch_ms=round(1000 * many[name], 1), build_s=round(build[name], 2)
         )
+    sweep = {}
+    for size in SWEEP:
+        if size <= batch_size:
+            ms = timed(methods, [batch[:size]], max(3, min(15, 256 // size)), rng)
+            sweep[size] = {name: round(1000 * seconds, 2) for name, seconds in ms.items()}
+    print("by batch size (ms):", sweep)
     backend, reason = choose_flat_backend(n, args.dim, device)
     result = {
         "size": args.size,
@@ -191,6 +200,7 @@ def main() -> None:
         "exact": facts["clipbt"]["exact"],
         "fallbacks": ours.describe()["fallbacks"],
         "index": ours.describe(),
+        "by_batch_ms": sweep,
         "choice": {"backend": backend, "reason": reason},
         "kernels": kernels(vectors, singles, batch, device, rng),
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
@@ -216,13 +226,19 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, key, label in zip(axes, ("single_ms", "batch_ms"), ("one query (ms)", f"batch of {result['batch']} (ms)")):
         names = ["faiss_flat", "clipbt"] + [f"{kind} matmul+topk" for kind in result["kernels"]]
         values = [result["faiss_flat"][key], result["clipbt"][key]] + [v[key] for v in result["kernels"].values()]
         ax.bar(names, values, color=["tab:gray", "tab:blue"] + ["tab:orange"] * len(result["kernels"]))
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
+    sizes = [int(b) for b in result["by_batch_ms"]]
+    for name, colour in (("faiss_flat", "tab:gray"), ("clipbt", "tab:blue")):
+        per_query = [result["by_batch_ms"][b][name] / int(b) for b in result["by_batch_ms"]]
+        axes[2].plot(sizes, per_query, marker="o", color=colour, label=name)
+    axes[2].set(xscale="log", yscale="log", xlabel="batch size", title="ms per query, by batch size")
+    axes[2].legend(fontsize=8)
     m = result["machine"]
     fig.suptitle(
         f"{result['n']:,} x {result['dim']}, k={result['k']}, exact={result['exact']}; "

@@ -14,8 +14,9 @@ Each request is a personalised search (k = 10) for one of the users, with a rand
 (which also empties that user's cached adapted queries). Concurrency 1, 8 and 64, each bounded by a
 request count and a time limit. The baseline is the same kind of search (random user, random text)
 run in this process through `Engine.search`, one at a time; its rounds are interleaved with the
-served levels. Reports searches/s, p50 and p99 latency, errors, and whether every acknowledged
-preference write is in the store. Writes benchmarks/results/serve.json and serve.png.
+served levels. Reports searches/s, p50 and p99 latency, errors, the batches the service formed
+(GET /api/v1/stats before and after each level: how many, their mean size), and whether every
+acknowledged preference write is in the store. Writes benchmarks/results/serve.json and serve.png.
 """
 
 import argparse
@@ -199,7 +200,9 @@ def main() -> None:
             rng = random.Random(1)
             rounds, levels = [], []
             rounds.append(baseline_round(engine, users, args.baseline, rng))
+            some_token = next(iter(tokens.values()))
             for concurrency, (count, seconds) in LEVELS.items():
+                before = _stats(port, some_token)
                 levels.append(
                     asyncio.run(
                         run_level(
@@ -207,6 +210,11 @@ def main() -> None:
                         )
                     )
                 )
+                after = _stats(port, some_token)
+                batches = after["batches"] - before["batches"]
+                levels[-1]["batches"] = batches
+                levels[-1]["mean_batch"] = round((after["searches"] - before["searches"]) / max(batches, 1), 1)
+                levels[-1]["largest_batch_so_far"] = after["largest_batch"]
                 rounds.append(baseline_round(engine, users, args.baseline, rng))
                 print(f"served  c={concurrency:<3} {levels[-1]}")
                 print(f"in-process one at a time {rounds[-1]}")
@@ -255,6 +263,17 @@ def main() -> None:
         )
     )
     _plot(result, RESULTS / "serve.png")
+
+
+def _stats(port: int, token: str) -> dict:
+    """The service's batching counters (GET /api/v1/stats)."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v1/stats", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 300.0) -> None:

@@ -21,10 +21,15 @@ class RankConfig:
     # (benchmarks/bench_duels.py, "compare_calibration" in results/duels.json), with MAP's beta 10.
     prior_precision: float = 1.0
     newton_steps: int = 3  # Newton steps of the MAP fit (the objective is strictly concave)
+    # t in the probabilities reported, P(i over j) = sigmoid(t (theta_i - theta_j)) (p_next, compare):
+    # a calibration of the strengths only, the order never depends on it. Chosen with prior_precision.
+    temperature: float = 1.0
 
     def __post_init__(self):
         if not np.isfinite(self.prior_precision) or self.prior_precision <= 0:
             raise RankingInputError(f"prior_precision must be a finite number > 0, got {self.prior_precision}")
+        if not np.isfinite(self.temperature) or self.temperature <= 0:
+            raise RankingInputError(f"temperature must be a finite number > 0, got {self.temperature}")
         if int(self.newton_steps) != self.newton_steps or self.newton_steps < 0:
             raise RankingInputError(f"newton_steps must be a whole number >= 0, got {self.newton_steps}")
 
@@ -35,7 +40,7 @@ class CandidateRanking:
 
     order: np.ndarray  # int64 indices into the candidate list, best first
     strength: np.ndarray  # float64 BT strength of order[r]
-    p_next: np.ndarray  # float64 P(order[r] beats order[r + 1]) (eq. 2); NaN for the last
+    p_next: np.ndarray  # float64 P(order[r] beats order[r + 1]) (eq. 2, at the config's temperature); NaN for the last
 
 
 def fit_strengths(
@@ -113,5 +118,5 @@ def rank_candidates(
     order = np.argsort(-theta, kind="stable")
     strength = theta[order]
     p_next = np.full(len(s), np.nan)
-    p_next[:-1] = logistic(strength[:-1] - strength[1:])
+    p_next[:-1] = logistic(config.temperature * (strength[:-1] - strength[1:]))
     return CandidateRanking(order=order, strength=strength, p_next=p_next)

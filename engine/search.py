@@ -481,7 +481,7 @@ class Engine:
         ranking = rank_candidates(similarity, config.beta, winners, losers, weights, config.rank)
         theta = np.empty(2)
         theta[ranking.order] = ranking.strength
-        return float(logistic(theta[0] - theta[1]))
+        return float(logistic(config.rank.temperature * (theta[0] - theta[1])))
 
     # -- search ------------------------------------------------------------------------------
 

@@ -102,3 +102,18 @@ def test_bad_inputs_name_the_value(kwargs, message):
 def test_config_checks_its_fields():
     with pytest.raises(RankingInputError, match="prior_precision must be a finite number > 0, got -1"):
         RankConfig(prior_precision=-1)
+    with pytest.raises(RankingInputError, match="temperature must be a finite number > 0, got 0"):
+        RankConfig(temperature=0)
+
+
+def test_temperature_scales_the_probabilities_and_never_the_order():
+    rng = np.random.default_rng(4)
+    s = rng.uniform(0, 1, 12)
+    winners, losers = [3, 7, 0], [5, 1, 9]
+    plain = rank_candidates(s, 10.0, winners, losers, config=RankConfig(temperature=1.0))
+    cooled = rank_candidates(s, 10.0, winners, losers, config=RankConfig(temperature=0.3))
+    np.testing.assert_array_equal(cooled.order, plain.order)
+    np.testing.assert_allclose(cooled.strength, plain.strength)
+    gaps = plain.strength[:-1] - plain.strength[1:]
+    np.testing.assert_allclose(cooled.p_next[:-1], 1 / (1 + np.exp(-0.3 * gaps)), rtol=1e-12)
+    assert np.all(np.abs(cooled.p_next[:-1] - 0.5) <= np.abs(plain.p_next[:-1] - 0.5))

@@ -34,6 +34,7 @@ class SearchBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self.batches = 0  # search_many calls made
+        self.searches = 0  # requests answered (batches * their mean size)
         self.largest = 0  # largest batch so far
 
     def start(self) -> None:
@@ -90,6 +91,7 @@ class SearchBatcher:
         except Exception as exc:
             outcomes = [(None, exc)] * len(batch)
         self.largest = max(self.largest, len(batch))
+        self.searches += len(batch)
         for (_, loop, future), (hits, exc) in zip(batch, outcomes):
             loop.call_soon_threadsafe(_settle, future, hits, exc)
 

@@ -43,6 +43,14 @@ class Probability(BaseModel):
     p: float  # P(a over b) for the caller
 
 
+class Stats(BaseModel):
+    """How the service has batched searches since it started (the same for every caller)."""
+
+    searches: int  # search and duel requests answered
+    batches: int  # batched searches (search_many calls) that answered them
+    largest_batch: int
+
+
 def _result(hit: Hit, request: Request) -> Result:
     return Result(
         id=hit.id,
@@ -92,3 +100,10 @@ def _answered(state, user: str, text: str) -> list[tuple[int, int]]:
         return [(p.preferred_id, p.rejected_id) for p in state.store.pairs(user, state.engine.collection.id, text)]
     except UnknownUserError:
         return []
+
+
+@router.get("/stats", response_model=Stats)
+def stats(user: User, state: State) -> Stats:
+    """Searches answered and the batches they were answered in, since the service started."""
+    batcher = state.batcher
+    return Stats(searches=batcher.searches, batches=batcher.batches, largest_batch=batcher.largest)

@@ -77,6 +77,7 @@ def test_openapi_describes_every_route(client):
         "/api/v1/duel",
         "/api/v1/compare",
         "/api/v1/me",
+        "/api/v1/stats",
         "/api/v1/preferences/{record_id}",
         "/api/v1/images/{image_id}/thumbnail",
         "/api/v1/login",
@@ -436,6 +437,7 @@ def test_batcher_answers_concurrent_searches_in_batches_as_one_at_a_time(state):
     finally:
         batcher.stop()
     assert batcher.batches < len(requests) + 3 and batcher.largest > 1
+    assert batcher.searches == len(requests) + 2
     for request, hits in zip(requests, batched):
         assert [h.id for h in hits] == [h.id for h in engine.search(request.query, request.user, request.k)]
     assert str(bad[0]) == "k must be a whole number >= 1, got 0" and len(bad[1]) == 2  # a bad request fails alone
@@ -513,3 +515,13 @@ def test_images_of_another_collection_are_unknown_here_and_their_paths_stay_priv
     for answer in answers:
         assert str(foreign) in answer.json()["error"], answer.text
         assert "secret" not in answer.text and "private" not in answer.text, answer.text
+
+
+def test_stats_count_the_searches_and_their_batches(client, account):
+    _, _, headers = account()
+    assert client.get("/api/v1/stats").status_code == 401
+    before = client.get("/api/v1/stats", headers=headers).json()
+    search(client, headers, k=2)
+    after = client.get("/api/v1/stats", headers=headers).json()
+    assert after["searches"] == before["searches"] + 1 and after["batches"] == before["batches"] + 1
+    assert after["largest_batch"] >= 1
