@@ -38,7 +38,8 @@ from machine import describe  # benchmarks/machine.py
 from engine.bt import AdaptConfig
 from engine.search import Engine, SearchConfig, SearchRequest
 from indexer.encoder import Encoder
-from indexer.vectors.collection import IndexFiles
+from indexer.vectors.collection import EXACT, IndexFiles
+from indexer.vectors.exact import ExactIndex
 from indexer.vectors.faiss import FaissIndex
 from storage import ImageRecord, Store, StoreConfig
 
@@ -52,7 +53,7 @@ TEXTS = [
 ]
 
 
-def build(folder: Path, n: int, users: int, pairs: int, seed: int):
+def build(folder: Path, n: int, users: int, pairs: int, seed: int, index_type: str = "flat"):
     rng = np.random.default_rng(seed)
     store = Store.open(home=folder, config=StoreConfig(sqlite_synchronous="NORMAL"))
     coll = store.create_collection("bench", "ViT-B-32", "random", DIM, "float32")
@@ -70,7 +71,12 @@ def build(folder: Path, n: int, users: int, pairs: int, seed: int):
         for _ in range(pairs):
             a, b = rng.choice(ids, 2, replace=False)
             store.add_pair(f"user{u:03d}", TEXTS[rng.integers(0, 8)], int(a), int(b))
-    IndexFiles(store, coll).save(FaissIndex.build(ids, vectors, "flat"), "flat")
+    if index_type == EXACT:
+        index = ExactIndex(DIM)
+        index.add(ids, vectors)
+    else:
+        index = FaissIndex.build(ids, vectors, index_type)
+    IndexFiles(store, coll).save(index, index_type)
     return store, coll  # the engine loads the saved index as `clipbt search` does, and checks it per search
 
 
@@ -97,6 +103,9 @@ def main() -> None:
         default=SearchConfig().method,
         help="adaptation method (default: the search default)",
     )
+    parser.add_argument(
+        "--index-type", choices=("flat", EXACT), default="flat", help="FAISS flat, or clipbt's exact kernel"
+    )
     parser.add_argument("--out", default="query_cpu", help="results file stem in benchmarks/results")
     args = parser.parse_args()
     n = SIZES[args.size]
@@ -104,10 +113,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        store, coll = build(Path(tmp), n, args.batch, args.pairs, seed=0)
+        store, coll = build(Path(tmp), n, args.batch, args.pairs, seed=0, index_type=args.index_type)
         encoder = Encoder.load("ViT-B-32", "random", device="cpu")
         engine = Engine(store, coll, encoder=encoder, config=config)
-        print(f"setup: {n} x {DIM} flat, {args.batch} users x {args.pairs} pairs, {time.perf_counter() - t0:.0f}s")
+        print(
+            f"setup: {n} x {DIM} {args.index_type}, {args.batch} users x {args.pairs} pairs, {time.perf_counter() - t0:.0f}s"
+        )
 
         text, user = TEXTS[0], "user000"
         requests_plain = [SearchRequest(TEXTS[i % len(TEXTS)], None, 10) for i in range(args.batch)]
@@ -156,7 +167,7 @@ def main() -> None:
         "size": args.size,
         "n": n,
         "dim": DIM,
-        "index": "flat",
+        "index": args.index_type,
         "k": 10,
         "pairs_per_user": args.pairs,
         "steps": args.steps,

@@ -109,12 +109,23 @@ class Clipbt:
             "pairs": sum(len(store.pairs(u, coll.id)) for u in users),
             "index_type": saved.get("index_type", "none (built on first search)"),
             "backend": "faiss (index files in the data home)",
+            "flat_search": _flat_choice(len(store.image_ids(coll.id)), coll.dim),
             "device": _devices(),
         } | (
             {"index_type": coll.vector_index_type, "backend": f"milvus at {coll.vector_uri}"}
             if coll.vector_backend == "milvus"
             else {}
         )
+
+
+def _flat_choice(n: int, dim: int) -> str:
+    """Which exact search suits this machine (`indexer.vectors.exact.choose_flat_backend`), and why."""
+    import torch
+
+    from indexer.vectors.exact import choose_flat_backend
+
+    backend, reason = choose_flat_backend(n, dim, "cuda" if torch.cuda.is_available() else "cpu")
+    return f"{backend}: {reason}"
 
 
 def _devices() -> str:

@@ -167,6 +167,7 @@ def test_info(run):
     data = _json(run("info", "--json"))
     assert data["images"] == 12 and data["model"] == TEST_MODEL and data["dim"] == 32
     assert data["index_type"] == "flat" and data["collection"] == "default"
+    assert data["flat_search"].startswith("faiss: ")  # on a CPU (choose_flat_backend)
     assert "images" in run("info").output
 
 

@@ -90,6 +90,9 @@ _Q_STEP = 2.0**-6  # grid of int8 queries: q^ = m / 64, |m| <= 63
 _MANIFEST = "manifest.json"
 
 
+CPU_QUERY_BLOCK = 64
+
+
 @dataclass(frozen=True)
 class ExactConfig:
     """How an ExactIndex stores and searches; every field has a default that suits a CPU or a GPU."""
@@ -105,6 +108,9 @@ class ExactConfig:
     candidate_limit: int = (
         4096  # most candidates rescored per query (and at most max(4k, rows/64)); beyond, the float32 product
     )
+    query_block: int | None = None  # queries searched together; None: 64 on a CPU, where a larger product
+    # gets no cheaper per query and its score block only larger (benchmarks/bench_exact.py, by_batch_ms),
+    # the whole batch on CUDA
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -260,8 +266,8 @@ class ExactIndex(VectorIndex):
     def __init__(self, dim: int, config: ExactConfig = ExactConfig()):
         if dim < 1:
             raise ValueError(f"dimension {dim} must be positive")
-        if config.chunk_rows < 1 or config.candidate_limit < 1:
-            raise ValueError(f"chunk_rows and candidate_limit must be positive, got {config}")
+        if min(config.chunk_rows, config.candidate_limit, 1 if config.query_block is None else config.query_block) < 1:
+            raise ValueError(f"chunk_rows, candidate_limit and query_block must be positive, got {config}")
         self.dim = dim
         self.device = torch.device(config.device)
         self.precision = resolve_precision(config.precision, config.device)
@@ -381,7 +387,14 @@ class ExactIndex(VectorIndex):
         queries = self._check_vectors(queries, "queries")
         if k < 1:
             raise ValueError(f"k = {k}: ask for at least one result")
-        snap = self._snap
+        snap = self._snap  # one snapshot for every block: concurrent adds and removes are seen by all or none
+        block = self.config.query_block or (len(queries) if self.device.type == "cuda" else CPU_QUERY_BLOCK)
+        if len(queries) <= block:
+            return self._search_block(snap, queries, k)
+        parts = [self._search_block(snap, queries[at : at + block], k) for at in range(0, len(queries), block)]
+        return np.vstack([s for s, _ in parts]), np.vstack([i for _, i in parts])
+
+    def _search_block(self, snap: "_Snapshot", queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         batch = len(queries)
         scores = np.full((batch, k), -np.inf, np.float32)
         found = np.full((batch, k), -1, np.int64)
@@ -693,22 +706,24 @@ def configure_threads(threads: int | None = None) -> int:
 def choose_flat_backend(n: int, dim: int, device: str = "cpu") -> tuple[str, str]:
     """("exact" or "faiss", why) for a flat collection of n vectors of dimension `dim` on `device`: what `clipbt info` reports.
 
-    The rule, from benchmarks/bench_exact.py, which times both side by side on the same data
-    (results in benchmarks/results/exact_cpu.json, and in the commit messages for size S):
-    ExactIndex wherever its kernels run, that is on CUDA (float16 candidate pass) and on a CPU
-    whose fbgemm int8 product passes `int8_available`: there it was faster than FAISS's
-    IndexFlatIP for one query and for batches, both at 100,000 rows (int8 pass) and at 10,000
-    (under `sketch_from_rows`, the plain float32 torch product). Elsewhere FAISS. `n` and `dim`
-    did not change the outcome on the machines measured; they are taken so that a measured
-    crossover can be added without changing callers.
+    The rule, from benchmarks/bench_exact.py and benchmarks/bench_query.py --index-type exact, which
+    time both side by side on the same data (results in benchmarks/results/exact_cpu.json and
+    query_cpu_exact.json): on CUDA, ExactIndex (a float16 candidate pass). On a CPU, FAISS's
+    IndexFlatIP stays the default: with fbgemm's int8 pass ExactIndex answered one query 3.9x
+    faster and batches of 1 to 256 at least as fast on clustered data, but on isotropic data
+    (random unit vectors) the int8 error window admits about rows / 64 candidates per query, and
+    rescoring them made a batch of 256 5.7x slower. It is there for collections like the first
+    (`--index-type exact`), and FAISS when torch has no int8 kernel at all. `n` and `dim` are taken
+    so that a measured crossover can be added without changing callers.
     """
     kind = torch.device(device).type
     if kind == "cuda":
         return "exact", "CUDA: float16 candidate pass, float32 rescoring (ExactIndex)"
     if kind == "cpu" and int8_available():
         return (
-            "exact",
-            f"CPU with fbgemm int8 kernels ({torch.backends.quantized.engine}): int8 candidate pass, float32 rescoring (ExactIndex)",
+            "faiss",
+            "CPU: FAISS IndexFlatIP; --index-type exact (int8 candidate pass, float32 rescoring) answers one query "
+            "several times faster on clustered embeddings but batches slower on isotropic ones",
         )
     return (
         "faiss",

@@ -64,6 +64,14 @@ class TestExactSmallChunks(Conformance):
         return ExactIndex(dim, ExactConfig(chunk_rows=7, sketch_from_rows=0))
 
 
+@needs_int8
+class TestExactQueryBlocks(Conformance):
+    """Batches searched three queries at a time (a CPU searches 64 at a time): blocks joined in order."""
+
+    def new_index(self, dim):
+        return ExactIndex(dim, ExactConfig(sketch_from_rows=0, query_block=3))
+
+
 @needs_cuda
 class TestExactCuda(Conformance):
     def new_index(self, dim):
@@ -347,7 +355,7 @@ def test_float16_rows_are_stored_as_float16_only_when_lossless():
 
 def test_choice_between_faiss_and_exact_is_reported():
     backend, reason = choose_flat_backend(100_000, 512, "cpu")
-    assert backend == ("exact" if int8_available() else "faiss") and reason
+    assert backend == "faiss" and ("--index-type exact" if int8_available() else "no int8 kernel") in reason
     assert choose_flat_backend(10, 512, "cuda")[0] == "exact"
 
 
@@ -356,6 +364,8 @@ def test_bad_settings_are_refused():
         ExactIndex(8, ExactConfig(precision="bogus"))
     with pytest.raises(ValueError, match="chunk_rows"):
         ExactIndex(8, ExactConfig(chunk_rows=0))
+    with pytest.raises(ValueError, match="query_block"):
+        ExactIndex(8, ExactConfig(query_block=0))
     index = ExactIndex(8, ExactConfig(precision="float32"))
     index.add(np.arange(3), unit(np.ones((3, 8))))
     with pytest.raises(ValueError, match="already"):
