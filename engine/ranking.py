@@ -22,8 +22,9 @@ class RankConfig:
     prior_precision: float = 1.0
     newton_steps: int = 3  # Newton steps of the MAP fit (the objective is strictly concave)
     # t in the probabilities reported, P(i over j) = sigmoid(t (theta_i - theta_j)) (p_next, compare):
-    # a calibration of the strengths only, the order never depends on it. Chosen with prior_precision.
-    temperature: float = 1.0
+    # a calibration of the strengths only, the order never depends on it. Chosen the same way, with the
+    # prior kept at 1 (a prior of 0.3 scored within 0.002 nats of it but also reorders results).
+    temperature: float = 0.3
 
     def __post_init__(self):
         if not np.isfinite(self.prior_precision) or self.prior_precision <= 0:

@@ -463,7 +463,7 @@ class Engine:
 
         Strengths are beta * s(x', y) with the user's adapted query (eq. 2), moved by the user's
         direct comparisons of a and b as in `search`; with none it is exactly
-        sigmoid(beta * (s(x', y_a) - s(x', y_b))).
+        sigmoid(t beta (s(x', y_a) - s(x', y_b))), t the ranking's calibrated temperature.
         """
         config = config or self.config
         if not isinstance(query, str) or not query.strip():

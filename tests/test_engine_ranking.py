@@ -65,7 +65,8 @@ def test_no_comparisons_orders_by_similarity():
     r = rank_candidates(s, beta=2.0)
     assert r.order.tolist() == [1, 3, 2, 0, 4]  # the tie keeps input order
     np.testing.assert_allclose(r.strength, 2.0 * s[r.order])
-    np.testing.assert_allclose(r.p_next[:-1], 1 / (1 + np.exp(-(r.strength[:-1] - r.strength[1:]))))
+    t = RankConfig().temperature
+    np.testing.assert_allclose(r.p_next[:-1], 1 / (1 + np.exp(-t * (r.strength[:-1] - r.strength[1:]))))
     assert np.isnan(r.p_next[-1])
 
 

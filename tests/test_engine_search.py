@@ -7,7 +7,7 @@ import pytest
 
 from engine import bt
 from engine.bt import AdaptConfig
-from engine.ranking import fit_strengths
+from engine.ranking import RankConfig, fit_strengths
 from engine.search import (
     EmptyCollectionError,
     Engine,
@@ -120,7 +120,8 @@ def test_personalised_search_equals_brute_force(world, method):
     expected, theta, adapted = reference_search(query, vectors, ids, pairs, 8, config)
     assert [h.id for h in hits] == expected
     np.testing.assert_allclose([h.score for h in hits], theta, atol=1e-4)
-    np.testing.assert_allclose([h.p_next for h in hits[:-1]], 1 / (1 + np.exp(-np.diff(-theta))), atol=1e-4)
+    t = config.rank.temperature
+    np.testing.assert_allclose([h.p_next for h in hits[:-1]], 1 / (1 + np.exp(-t * np.diff(-theta))), atol=1e-4)
 
 
 @pytest.mark.parametrize("method,least", [("bt", 9), ("map", 8)])  # map's prior keeps more of the query
@@ -312,12 +313,16 @@ def test_compare_is_the_bt_probability_of_the_adapted_query(world):
     query = engine.encode(["a cat"])[0]
     p = engine.compare(None, "a cat", int(ids[3]), int(ids[50]))
     s3, s50 = vectors[3] @ query, vectors[50] @ query
-    assert p == pytest.approx(1 / (1 + np.exp(-engine.config.beta * (s3 - s50))), abs=1e-6)
+    t = engine.config.rank.temperature
+    assert p == pytest.approx(1 / (1 + np.exp(-t * engine.config.beta * (s3 - s50))), abs=1e-6)
     assert engine.compare(None, "a cat", int(ids[50]), int(ids[3])) == pytest.approx(1 - p, abs=1e-6)
     engine.prefer("fay", "a cat", int(ids[50]), int(ids[3]))
-    assert (
-        engine.compare("fay", "a cat", int(ids[50]), int(ids[3])) > 1 - p + 0.25 * p
-    )  # a quarter of the way to certainty
+    stated = engine.compare("fay", "a cat", int(ids[50]), int(ids[3]))
+    assert stated > 1 - p + 0.05 * p  # moved towards the side fay stated, at the calibrated temperature
+    uncooled = engine.compare("fay", "a cat", int(ids[50]), int(ids[3]), SearchConfig(rank=RankConfig(temperature=1)))
+    assert uncooled > stated and np.log(stated / (1 - stated)) == pytest.approx(
+        engine.config.rank.temperature * np.log(uncooled / (1 - uncooled)), rel=1e-6
+    )
 
 
 def test_torch_device_path_equals_numpy(world):
