@@ -166,7 +166,6 @@ def _newton_in_span(
         gram[row, :m, :m] = pairs.gram
         at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
         w[row, :m] = wb
-    eye = np.eye(n)
 
     def objective(a, ga):  # ga = G a, per query
         return (w * np.logaddexp(0.0, -beta * (at_x0 + ga))).sum(1) + 0.5 * lam * (a * ga).sum(1)
@@ -174,13 +173,16 @@ def _newton_in_span(
     a = np.zeros((u_count, n))
     ga = np.zeros((u_count, n))
     active = np.ones(u_count, dtype=bool)
+    diagonal = np.arange(n)
     for _ in range(steps):
         s = logistic(-beta * (at_x0 + ga))
         curv = beta * beta * w * s * (1 - s)
         r = lam * a - beta * w * s  # the gradient in x is D^T r
         delta = np.zeros_like(a)
         rows = np.flatnonzero(active)  # converged queries are solved no more
-        delta[rows] = -np.linalg.solve(curv[rows, :, None] * gram[rows] + lam * eye, r[rows, :, None])[:, :, 0]
+        system = (gram if len(rows) == u_count else gram[rows]) * curv[rows, :, None]  # W G + lambda I
+        system[:, diagonal, diagonal] += lam
+        delta[rows] = -np.linalg.solve(system, r[rows, :, None])[:, :, 0]
         gdelta = np.matmul(gram, delta[:, :, None])[:, :, 0]
         decrement = -(r * gdelta).sum(1)  # Newton decrement squared: -grad_x . step_x = -r^T G delta
         active &= decrement > tol
