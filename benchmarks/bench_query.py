@@ -38,9 +38,7 @@ from machine import describe  # benchmarks/machine.py
 from engine.bt import AdaptConfig
 from engine.search import Engine, SearchConfig, SearchRequest
 from indexer.encoder import Encoder
-from indexer.vectors.collection import EXACT, IndexFiles
-from indexer.vectors.exact import ExactIndex
-from indexer.vectors.faiss import FaissIndex
+from indexer.vectors.collection import EXACT, rebuild
 from storage import ImageRecord, Store, StoreConfig
 
 SIZES = {"S": 10_000, "M": 100_000, "L": 300_000}
@@ -71,12 +69,7 @@ def build(folder: Path, n: int, users: int, pairs: int, seed: int, index_type: s
         for _ in range(pairs):
             a, b = rng.choice(ids, 2, replace=False)
             store.add_pair(f"user{u:03d}", TEXTS[rng.integers(0, 8)], int(a), int(b))
-    if index_type == EXACT:
-        index = ExactIndex(DIM)
-        index.add(ids, vectors)
-    else:
-        index = FaissIndex.build(ids, vectors, index_type)
-    IndexFiles(store, coll).save(index, index_type)
+    rebuild(store, coll, index_type)  # built from the embeddings in SQL and saved, as `clipbt index` does
     return store, coll  # the engine loads the saved index as `clipbt search` does, and checks it per search
 
 

@@ -98,18 +98,19 @@ class Clipbt:
         coll = store.collection(collection)
         users = store.users()
         saved = IndexFiles(store, coll).identity() or {}
+        images = len(store.image_ids(coll.id))
         return {
             "collection": coll.name,
             "model": coll.model,
             "pretrained": coll.pretrained,
             "dim": coll.dim,
-            "images": len(store.image_ids(coll.id)),
+            "images": images,
             "deleted": len(store.deleted_ids(coll.id)),
             "users": len(users),
             "pairs": sum(len(store.pairs(u, coll.id)) for u in users),
             "index_type": saved.get("index_type", "none (built on first search)"),
             "backend": "faiss (index files in the data home)",
-            "flat_search": _flat_choice(len(store.image_ids(coll.id)), coll.dim),
+            "flat_search": _flat_choice(images, coll.dim),
             "device": _devices(),
         } | (
             {"index_type": coll.vector_index_type, "backend": f"milvus at {coll.vector_uri}"}

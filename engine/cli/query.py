@@ -17,12 +17,6 @@ from engine.preferences import (
 
 
 @contextmanager
-def _store(obj):
-    with obj.open_store() as store:
-        yield store
-
-
-@contextmanager
 def _library(obj, config=None):
     """The library API (`engine.api.Clipbt`) over the command's store."""
     from engine.api import Clipbt
@@ -127,7 +121,7 @@ def _note_user_without_preferences(obj, user: str, collection: str) -> None:
     """Say on stderr when `user` has no preference in `collection`: the results are the plain search's."""
     import difflib
 
-    with _store(obj) as store:
+    with obj.open_store() as store:
         known = store.users()
         if user in known and store.pairs(user, collection):
             return
@@ -250,7 +244,7 @@ def prefs_list(obj, user, as_json):
 
         clipbt prefs list --user ann --json
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         records = list(export_preferences(store, user))
     if as_json:
         _print_json(records)
@@ -277,7 +271,7 @@ def prefs_export(obj, user, collection, output):
 
         clipbt prefs export --user ann -o ann.jsonl
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         for record in export_preferences(store, user, collection):
             output.write(json.dumps(record) + "\n")
 
@@ -300,7 +294,7 @@ def prefs_import(obj, file, collection, as_json):
 
         clipbt prefs export --collection a | clipbt prefs import --collection b -
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         counts = import_preferences(store, file, collection)
     if as_json:
         _print_json(counts)
@@ -321,7 +315,7 @@ def users(ctx, as_json):
     """
     if ctx.invoked_subcommand is not None:
         return
-    with _store(ctx.obj) as store:
+    with ctx.obj.open_store() as store:
         names = store.users()
     if as_json:
         _print_json(names)
@@ -340,7 +334,7 @@ def users_delete(obj, user):
 
         clipbt users delete ann
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         removed = store.delete_user(user)
     click.echo(
         f"deleted user {user!r}: {removed['pairs']} pairs, {removed['rankings']} rankings, "

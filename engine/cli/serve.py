@@ -1,17 +1,10 @@
 """The service commands of `clipbt`: `users add`, `tokens create|list|revoke`, `serve`."""
 
 import sys
-from contextlib import contextmanager
 
 import click
 
 from engine.cli.options import collection_option
-
-
-@contextmanager
-def _store(obj):
-    with obj.open_store() as store:  # --db, else the SQLite file in the data home
-        yield store
 
 
 @click.command("add")
@@ -32,7 +25,7 @@ def users_add(obj, name, password_stdin):
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise click.ClickException("--password-stdin read an empty password")
-    with _store(obj) as store:
+    with obj.open_store() as store:
         store.add_account(name, password)
     click.echo(f"created account {name!r}" + (" with a web password" if password else " (API tokens only)"))
 
@@ -57,7 +50,7 @@ def tokens_create(obj, name):
 
         TOKEN=$(clipbt tokens create ann)
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         token_id, token = store.create_token(name)
     click.echo(token)
     click.echo(
@@ -75,7 +68,7 @@ def tokens_list(obj, name):
 
         clipbt tokens list ann
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         for token in store.tokens(name):
             click.echo(f"{token['id']}\t{token['created']}")
 
@@ -91,7 +84,7 @@ def tokens_revoke(obj, name, token_id):
 
         clipbt tokens revoke ann --id 3
     """
-    with _store(obj) as store:
+    with obj.open_store() as store:
         removed = store.revoke_tokens(name, token_id)
     click.echo(f"revoked {removed} token{'s' * (removed != 1)} of {name!r}")
 

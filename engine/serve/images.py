@@ -10,16 +10,16 @@ from engine.serve.auth import State, User
 from engine.serve.thumbnails import MEDIA_TYPE
 
 router = APIRouter(prefix="/api/v1", tags=["images"])
-THUMBNAIL = "/api/v1/images/{}/thumbnail"
+THUMBNAIL = "/images/{image_id}/thumbnail"
 
 
 def thumbnail_path(request: Request, image_id: int) -> str:
     """The URL path of an image's thumbnail (the `thumbnail` route below, formatted without a route lookup)."""
-    return f"{request.scope.get('root_path', '')}{THUMBNAIL.format(image_id)}"
+    return f"{request.scope.get('root_path', '')}{router.prefix}{THUMBNAIL.format(image_id=image_id)}"
 
 
 @router.get(
-    "/images/{image_id}/thumbnail",
+    THUMBNAIL,
     name="thumbnail",
     response_class=Response,
     responses={200: {"content": {MEDIA_TYPE: {}}}, 404: {"description": "no such image in the collection"}},
