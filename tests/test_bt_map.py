@@ -63,6 +63,28 @@ def test_a_batch_of_users_equals_each_alone():
     np.testing.assert_array_equal(batch[1], queries[1])  # no pairs: unchanged
 
 
+def test_a_batch_spread_over_threads_equals_each_alone(monkeypatch):
+    """map_fit cuts a large batch into one part per core and solves them in threads: forced here to 3 parts."""
+    from engine.bt import map as map_module
+
+    monkeypatch.setattr(map_module, "PARALLEL_FROM", 4)
+    monkeypatch.setattr(map_module.os, "cpu_count", lambda: 3)
+    d, sizes = 24, [3, 0, 17, 1, 9, 40, 5, 12, 2, 8, 30, 4]
+    sets, queries, weights = [], [], []
+    for u, n in enumerate(sizes):
+        x0, p, r, rng = problem(300 + u, n, d)
+        queries.append(x0)
+        sets.append(bt.PairSet.of(p, r) if n else None)
+        weights.append(rng.uniform(0.5, 1.5, size=n) if n and u % 2 else None)
+    assert len(map_module._parts(list(range(len(sizes))))) == 3
+    fit = bt.map_fit(np.stack(queries), sets, weights, 2.0, 10.0)
+    for u in range(len(sets)):
+        alone = bt.map_fit(queries[u][None], [sets[u]], [weights[u]], 2.0, 10.0)
+        np.testing.assert_allclose(fit.queries[u], alone.queries[0], atol=1e-6)
+        np.testing.assert_allclose(fit.coefficients[u], alone.coefficients[0], atol=1e-6)
+        np.testing.assert_allclose(fit.curvature[u], alone.curvature[0], atol=1e-6)
+
+
 def test_large_prior_precision_keeps_the_query_and_one_pair_moves_towards_the_winner():
     x0, p, r, _ = problem(7, 1, 16)
     near = bt.map_adapt_many(x0[None], [bt.PairSet.of(p, r)], [None], 1e6, 10.0)[0]

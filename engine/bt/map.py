@@ -1,5 +1,7 @@
 """MAP adaptation: the posterior mode of BT (eqs. 2-3) under a Gaussian prior centred on the query, by Newton steps in the pairs' span (numpy only)."""
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,6 +10,7 @@ from engine.bt.common import AdaptationInputError, logistic
 from engine.bt.span import PairSet, check_batch
 from engine.bt.threads import numpy_blas_on_one_thread
 
+PARALLEL_FROM = 64  # queries per thread at least when map_fit spreads a batch over the cores
 _FULL_STEP_DECREMENT = 1e-8  # below this squared Newton decrement a Newton step is taken whole
 
 
@@ -116,7 +119,8 @@ def map_fit(
         delta_a = -(W G + lambda I)^{-1} (lambda a - beta w * sigmoid(-beta m)),  W = diag(beta^2 w p (1 - p)),
 
     a (P, P) solve; the steps of all B queries run as one batched solve on their zero-padded Gram
-    matrices (padding keeps a = 0), each halved until the objective falls. Equal to
+    matrices (padding keeps a = 0), each halved until the objective falls; a batch of at least
+    2 PARALLEL_FROM queries is cut into one part per core, solved in threads. Equal to
     `map_adapt_reference` (tests/test_bt_map.py). A PairSet without a Gram (P > d) is solved by the
     reference in x. queries: (B, d); pair_sets: B PairSets or None; weights: B arrays (P_b,) >= 0 or None.
     """
@@ -127,20 +131,28 @@ def map_fit(
     curvature = [np.zeros(0) if g is None else np.zeros(len(g)) for g in given]
     span = [b for b, g in enumerate(given) if g is not None and pair_sets[b].gram is not None]
     numpy_blas_on_one_thread()
-    if span:
+
+    def solve_part(part: list[int]) -> None:  # each query's Newton steps depend on its own rows only
         a, curv = _newton_in_span(
-            q[span].astype(np.float64),
-            [pair_sets[b] for b in span],
-            [given[b] for b in span],
+            q[part].astype(np.float64),
+            [pair_sets[b] for b in part],
+            [given[b] for b in part],
             prior_precision,
             beta,
             int(steps),
             tol,
         )
-        for row, b in enumerate(span):
+        for row, b in enumerate(part):
             p = len(pair_sets[b])
             coefficients[b], curvature[b] = a[row, :p], curv[row, :p]
             out[b] = (q[b].astype(np.float64) + a[row, :p] @ pair_sets[b].diffs.astype(np.float64)).astype(np.float32)
+
+    parts = _parts(span)
+    if len(parts) > 1:  # numpy's batched solves and array arithmetic release the GIL
+        with ThreadPoolExecutor(len(parts)) as pool:
+            list(pool.map(solve_part, parts))
+    elif span:
+        solve_part(span)
     for b, g in enumerate(given):
         if g is not None and pair_sets[b].gram is None:
             diffs = pair_sets[b].diffs.astype(np.float64)
@@ -153,19 +165,31 @@ def map_fit(
     return MapFit(out, coefficients, curvature)
 
 
+def _parts(queries: list[int]) -> list[list[int]]:
+    """`queries` cut into one part per core, each at least PARALLEL_FROM long (fewer, shorter parts cost more to start than they save)."""
+    count = max(1, min(os.cpu_count() or 1, len(queries) // PARALLEL_FROM))
+    size = -(-len(queries) // count) if queries else 1
+    return [queries[at : at + size] for at in range(0, len(queries), size)]
+
+
 def _newton_in_span(
     q: np.ndarray, pair_sets: list[PairSet], weights: list[np.ndarray], lam: float, beta: float, steps: int, tol: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Damped Newton steps on the coefficients a of U queries at once (see `map_fit`); returns a and W, (U, n)."""
     u_count, n = len(q), max(len(p) for p in pair_sets)
-    gram = np.zeros((u_count, n, n))
     at_x0 = np.zeros((u_count, n))
-    w = np.zeros((u_count, n))  # 0 on padding
-    for row, (pairs, wb) in enumerate(zip(pair_sets, weights)):
-        m = len(pairs)
-        gram[row, :m, :m] = pairs.gram
-        at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
-        w[row, :m] = wb
+    if all(len(p) == n for p in pair_sets):  # the common case: one stack, no padding
+        gram, w = np.stack([p.gram for p in pair_sets]), np.stack(weights).astype(np.float64)
+        for row, pairs in enumerate(pair_sets):
+            at_x0[row] = pairs.diffs.astype(np.float64) @ q[row]
+    else:
+        gram = np.zeros((u_count, n, n))
+        w = np.zeros((u_count, n))  # 0 on padding
+        for row, (pairs, wb) in enumerate(zip(pair_sets, weights)):
+            m = len(pairs)
+            gram[row, :m, :m] = pairs.gram
+            at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
+            w[row, :m] = wb
 
     def objective(a, ga):  # ga = G a, per query
         return (w * np.logaddexp(0.0, -beta * (at_x0 + ga))).sum(1) + 0.5 * lam * (a * ga).sum(1)
@@ -174,13 +198,17 @@ def _newton_in_span(
     ga = np.zeros((u_count, n))
     active = np.ones(u_count, dtype=bool)
     diagonal = np.arange(n)
+    buffer = np.empty_like(gram)
     for _ in range(steps):
         s = logistic(-beta * (at_x0 + ga))
         curv = beta * beta * w * s * (1 - s)
         r = lam * a - beta * w * s  # the gradient in x is D^T r
         delta = np.zeros_like(a)
         rows = np.flatnonzero(active)  # converged queries are solved no more
-        system = (gram if len(rows) == u_count else gram[rows]) * curv[rows, :, None]  # W G + lambda I
+        if len(rows) == u_count:  # W G + lambda I, in one buffer while every query is active
+            system = np.multiply(gram, curv[:, :, None], out=buffer)
+        else:
+            system = gram[rows] * curv[rows, :, None]
         system[:, diagonal, diagonal] += lam
         delta[rows] = -np.linalg.solve(system, r[rows, :, None])[:, :, 0]
         gdelta = np.matmul(gram, delta[:, :, None])[:, :, 0]
