@@ -19,10 +19,12 @@ How a search runs (queries Q float32 (B, d), k results each):
 3. Rescoring. The candidates' rows, stored exactly (float16 when that is lossless, as for the
    store's float16 embeddings, else float32; float32 always below `sketch_from_rows` rows), are scored in float32 against the float32 query and
    the top-k of those is returned: it equals the float32 top-k, ties allowed.
-4. Fallback. A query with more than min(`candidate_limit`, max(4k, rows / 64)) candidates
-   (past rows / 64, gathering and rescoring rows one by one costs more than the product) takes
-   the float32 product over all rows instead, and `fallbacks` in describe() counts it. `precision="float32"` does that for all, and
-   so does every search of a collection under `sketch_from_rows` rows (not counted).
+4. Fallback. A query with more than min(`candidate_limit`, max(4k, rows / RESCORE_SHARE))
+   candidates (past that, gathering and rescoring rows one by one costs more than the product) takes
+   the float32 product over all rows instead, and `fallbacks` in describe() counts it. The
+   queries falling back from all blocks of a search share one float32 pass, which widens a
+   float16 chunk once. `precision="float32"` does that for all, and so does every search of a
+   collection under `sketch_from_rows` rows (not counted).
 
 The error bound e (per query; norms are Euclidean, u32 = 2^-24 the unit roundoff of float32):
 write the query actually used as q (float32 values taken as exact reals), a stored row as x, and
@@ -91,6 +93,7 @@ _MANIFEST = "manifest.json"
 
 
 CPU_QUERY_BLOCK = 64
+RESCORE_SHARE = 256  # rows / RESCORE_SHARE candidates per query at most: rescoring one costs ~200x a row of the product
 
 
 @dataclass(frozen=True)
@@ -388,39 +391,34 @@ class ExactIndex(VectorIndex):
         if k < 1:
             raise ValueError(f"k = {k}: ask for at least one result")
         snap = self._snap  # one snapshot for every block: concurrent adds and removes are seen by all or none
-        block = self.config.query_block or (len(queries) if self.device.type == "cuda" else CPU_QUERY_BLOCK)
-        if len(queries) <= block:
-            return self._search_block(snap, queries, k)
-        parts = [self._search_block(snap, queries[at : at + block], k) for at in range(0, len(queries), block)]
-        return np.vstack([s for s, _ in parts]), np.vstack([i for _, i in parts])
-
-    def _search_block(self, snap: "_Snapshot", queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         batch = len(queries)
         scores = np.full((batch, k), -np.inf, np.float32)
         found = np.full((batch, k), -1, np.int64)
         if not batch or not snap.live_ids.size:
             return scores, found
+        block = self.config.query_block or (batch if self.device.type == "cuda" else CPU_QUERY_BLOCK)
         q = torch.from_numpy(queries).to(self.device)
         with torch.inference_mode():
             exact_rows = torch.arange(batch, device=self.device)
-            if (
+            sketched = (
                 self.precision != "float32"
                 and snap.starts[-1] >= self.config.sketch_from_rows
                 and not self._reduced_reduction_on()
-            ):
-                top, pos, exact_rows = self._search_sketch(snap, q, k)
-                scores[:, : top.shape[1]], found[:, : top.shape[1]] = (
-                    top.cpu().numpy(),
-                    _ids_at(snap, pos.cpu().numpy()),
-                )
-            if len(exact_rows):
-                top, pos = self._search_float32(snap, q[exact_rows], k)
+            )
+            if sketched:
+                left = []
+                for at in range(0, batch, block):
+                    top, pos, rest = self._search_sketch(snap, q[at : at + block], k)
+                    scores[at : at + len(top), : top.shape[1]] = top.cpu().numpy()
+                    found[at : at + len(top), : top.shape[1]] = _ids_at(snap, pos.cpu().numpy())
+                    left.append(rest + at)
+                exact_rows = torch.cat(left)
+            if len(exact_rows):  # one float32 pass for the queries of every block that fell back
+                top, pos = self._search_float32(snap, q[exact_rows], k, block)
                 chosen = exact_rows.cpu().numpy()
-                scores[chosen, : top.shape[1]], found[chosen, : top.shape[1]] = (
-                    top.cpu().numpy(),
-                    _ids_at(snap, pos.cpu().numpy()),
-                )
-                if self.precision != "float32" and snap.starts[-1] >= self.config.sketch_from_rows:
+                scores[chosen, : top.shape[1]] = top.cpu().numpy()
+                found[chosen, : top.shape[1]] = _ids_at(snap, pos.cpu().numpy())
+                if sketched:
                     with self._counter_lock:
                         self._fallbacks += len(chosen)
         return scores, found
@@ -449,7 +447,7 @@ class ExactIndex(VectorIndex):
     def _search_sketch(self, snap: _Snapshot, q: torch.Tensor, k: int):
         """Steps 1-3 of the module docstring: (scores (B, k'), row positions (B, k'), queries left for the float32 product)."""
         q_low, q_norm, q_resid, q_hat_norm = _queries_for(self.precision, q)
-        limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // 64))
+        limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // RESCORE_SHARE))
         width = max(
             4 * k, 128
         )  # sketch results taken per chunk by top-k; a query with more candidates in a chunk is scored again
@@ -526,15 +524,20 @@ class ExactIndex(VectorIndex):
         top, j = dense.view(batch, width).topk(k, dim=1)
         return top, where.view(batch, width).gather(1, j)
 
-    def _search_float32(self, snap: _Snapshot, q: torch.Tensor, k: int):
-        """The plain float32 product over every chunk, merged top-k: (scores (B, k'), positions (B, k'))."""
+    def _search_float32(self, snap: _Snapshot, q: torch.Tensor, k: int, block: int):
+        """The plain float32 product over every chunk, `block` queries at a time, merged top-k: (scores (B, k'), positions (B, k')).
+
+        Chunks are the outer loop, so a chunk stored in float16 is widened to float32 once per search."""
         run_s = run_p = None
         for chunk, start in zip(snap.chunks, snap.starts):
-            s = q @ chunk.rows.float().T
-            if chunk.alive is not None:
-                s.masked_fill_(~chunk.alive, -math.inf)
-            v, i = s.topk(min(k, s.shape[1]), dim=1)
-            i = i + int(start)
+            rows = chunk.rows.float()
+            parts = []
+            for at in range(0, len(q), block):
+                s = q[at : at + block] @ rows.T
+                if chunk.alive is not None:
+                    s.masked_fill_(~chunk.alive, -math.inf)
+                parts.append(s.topk(min(k, s.shape[1]), dim=1))
+            v, i = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]) + int(start)
             if run_s is not None:
                 v, j = torch.cat([run_s, v], 1).topk(min(k, run_s.shape[1] + v.shape[1]), dim=1)
                 i = torch.cat([run_p, i], 1).gather(1, j)

@@ -153,7 +153,7 @@ def test_fallback_counted_when_the_candidate_limit_is_tiny():
     assert_topk_equal(ids, base, queries, 10, scores, got)
     roomy = ExactIndex(base.shape[1], ExactConfig(sketch_from_rows=0))
     roomy.add(ids, base)
-    roomy.search(queries, 10)
+    roomy.search(queries, 26)  # what `search -k 10` asks for; the limit is max(4k, rows / RESCORE_SHARE) = 104
     assert roomy.describe()["fallbacks"] == 0
 
 
@@ -176,23 +176,23 @@ def test_chunked_equals_unchunked(precision):
 
 @needs_int8
 def test_a_crowd_of_near_ties_is_rescanned_not_cut_off():
-    """300 near-copies of one vector in one chunk: more candidates than a chunk's top-k keeps, fewer than the limit."""
+    """200 near-copies of one vector in one chunk: more candidates than a chunk's top-k keeps (128), fewer than the limit (60,000 / 256)."""
     rng = np.random.default_rng(11)
     d = 32
     anchor = unit(rng.standard_normal((1, d)))
-    crowd = unit(np.repeat(anchor, 300, axis=0) + 2e-3 * rng.standard_normal((300, d)))
-    base = np.vstack([unit(rng.standard_normal((20000, d))), crowd, unit(rng.standard_normal((19700, d)))])
+    crowd = unit(np.repeat(anchor, 200, axis=0) + 2e-3 * rng.standard_normal((200, d)))
+    base = np.vstack([unit(rng.standard_normal((30000, d))), crowd, unit(rng.standard_normal((29800, d)))])
     ids = rng.permutation(len(base)).astype(np.int64)
-    index = ExactIndex(d, ExactConfig(chunk_rows=20000, sketch_from_rows=0))
+    index = ExactIndex(d, ExactConfig(chunk_rows=30000, sketch_from_rows=0))
     index.add(ids, base)
     queries = np.vstack([anchor, unit(anchor + 1e-3 * rng.standard_normal((3, d)))])
     for k in (5, 26):
         scores, got = index.search(queries, k)
         assert_topk_equal(ids, base, queries, k, scores, got)
     assert index.describe()["fallbacks"] == 0
-    tight = ExactIndex(d, ExactConfig(chunk_rows=20000, sketch_from_rows=0, candidate_limit=150))
+    tight = ExactIndex(d, ExactConfig(chunk_rows=30000, sketch_from_rows=0, candidate_limit=150))
     tight.add(ids, base)
-    scores, got = tight.search(queries, 5)  # the rescan finds 300 candidates: over the limit, so the float32 product
+    scores, got = tight.search(queries, 5)  # the rescan finds 200 candidates: over the limit, so the float32 product
     assert_topk_equal(ids, base, queries, 5, scores, got)
     assert tight.describe()["fallbacks"] == len(queries)
 
