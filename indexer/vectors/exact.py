@@ -19,9 +19,13 @@ How a search runs (queries Q float32 (B, d), k results each):
 3. Rescoring. The candidates' rows, stored exactly (float16 when that is lossless, as for the
    store's float16 embeddings, else float32; float32 always below `sketch_from_rows` rows), are scored in float32 against the float32 query and
    the top-k of those is returned: it equals the float32 top-k, ties allowed.
-4. Fallback. A query with more than min(`candidate_limit`, max(4k, rows / RESCORE_SHARE))
-   candidates (past that, gathering and rescoring rows one by one costs more than the product) takes
-   the float32 product over all rows instead, and `fallbacks` in describe() counts it. The
+4. Fallback. A query of a block of B queries with more than
+       min(`candidate_limit`, max(4k, rows / 256 + rows / (9 B)))
+   candidates takes the float32 product over all rows instead, and `fallbacks` in describe()
+   counts it. Past that count, rescoring candidates one by one (gathering each row) costs more
+   than the product: measured on a 2-core AVX2 CPU, rescoring a candidate cost about as much as
+   256 rows of a batched product, plus widening float16 rows to float32 for the product, a cost
+   shared by the block, about as much as rescoring rows / 9 candidates. The
    queries falling back from all blocks of a search share one float32 pass, which widens a
    float16 chunk once. `precision="float32"` does that for all, and so does every search of a
    collection under `sketch_from_rows` rows (not counted).
@@ -93,7 +97,7 @@ _MANIFEST = "manifest.json"
 
 
 CPU_QUERY_BLOCK = 64
-RESCORE_SHARE = 256  # rows / RESCORE_SHARE candidates per query at most: rescoring one costs ~200x a row of the product
+FLOAT32_ROWS = 8192  # rows per slice of the float32 product
 
 
 @dataclass(frozen=True)
@@ -447,7 +451,8 @@ class ExactIndex(VectorIndex):
     def _search_sketch(self, snap: _Snapshot, q: torch.Tensor, k: int):
         """Steps 1-3 of the module docstring: (scores (B, k'), row positions (B, k'), queries left for the float32 product)."""
         q_low, q_norm, q_resid, q_hat_norm = _queries_for(self.precision, q)
-        limit = min(self.config.candidate_limit, max(4 * k, int(snap.starts[-1]) // RESCORE_SHARE))
+        total = int(snap.starts[-1])
+        limit = min(self.config.candidate_limit, max(4 * k, total // 256 + total // (9 * len(q))))  # step 4
         width = max(
             4 * k, 128
         )  # sketch results taken per chunk by top-k; a query with more candidates in a chunk is scored again
@@ -525,23 +530,26 @@ class ExactIndex(VectorIndex):
         return top, where.view(batch, width).gather(1, j)
 
     def _search_float32(self, snap: _Snapshot, q: torch.Tensor, k: int, block: int):
-        """The plain float32 product over every chunk, `block` queries at a time, merged top-k: (scores (B, k'), positions (B, k')).
+        """The plain float32 product over every chunk, merged top-k: (scores (B, k'), positions (B, k')).
 
-        Chunks are the outer loop, so a chunk stored in float16 is widened to float32 once per search."""
+        Rows are read `FLOAT32_ROWS` at a time (a float16 chunk widened to float32 slice by slice,
+        in buffers small enough for the allocator to reuse), queries `block` at a time."""
         run_s = run_p = None
         for chunk, start in zip(snap.chunks, snap.starts):
-            rows = chunk.rows.float()
-            parts = []
-            for at in range(0, len(q), block):
-                s = q[at : at + block] @ rows.T
-                if chunk.alive is not None:
-                    s.masked_fill_(~chunk.alive, -math.inf)
-                parts.append(s.topk(min(k, s.shape[1]), dim=1))
-            v, i = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]) + int(start)
-            if run_s is not None:
-                v, j = torch.cat([run_s, v], 1).topk(min(k, run_s.shape[1] + v.shape[1]), dim=1)
-                i = torch.cat([run_p, i], 1).gather(1, j)
-            run_s, run_p = v, i
+            for at in range(0, len(chunk.ids), FLOAT32_ROWS):
+                rows = chunk.rows[at : at + FLOAT32_ROWS].float()
+                parts = []
+                for first in range(0, len(q), block):
+                    s = q[first : first + block] @ rows.T
+                    if chunk.alive is not None:
+                        s.masked_fill_(~chunk.alive[at : at + FLOAT32_ROWS], -math.inf)
+                    parts.append(s.topk(min(k, s.shape[1]), dim=1))
+                v = torch.cat([p.values for p in parts])
+                i = torch.cat([p.indices for p in parts]) + int(start) + at
+                if run_s is not None:
+                    v, j = torch.cat([run_s, v], 1).topk(min(k, run_s.shape[1] + v.shape[1]), dim=1)
+                    i = torch.cat([run_p, i], 1).gather(1, j)
+                run_s, run_p = v, i
         return run_s, torch.where(torch.isfinite(run_s), run_p, -1)
 
     # ---- describing and persisting ----

@@ -153,7 +153,7 @@ def test_fallback_counted_when_the_candidate_limit_is_tiny():
     assert_topk_equal(ids, base, queries, 10, scores, got)
     roomy = ExactIndex(base.shape[1], ExactConfig(sketch_from_rows=0))
     roomy.add(ids, base)
-    roomy.search(queries, 26)  # what `search -k 10` asks for; the limit is max(4k, rows / RESCORE_SHARE) = 104
+    roomy.search(queries, 26)  # what `search -k 10` asks for; the limit is max(4k, rows / 256 + rows / (9 B)) = 104
     assert roomy.describe()["fallbacks"] == 0
 
 
@@ -176,7 +176,7 @@ def test_chunked_equals_unchunked(precision):
 
 @needs_int8
 def test_a_crowd_of_near_ties_is_rescanned_not_cut_off():
-    """200 near-copies of one vector in one chunk: more candidates than a chunk's top-k keeps (128), fewer than the limit (60,000 / 256)."""
+    """200 near-copies of one vector in one chunk: more candidates than a chunk's top-k keeps (128), fewer than the limit (60,000 / 256 + 60,000 / 36)."""
     rng = np.random.default_rng(11)
     d = 32
     anchor = unit(rng.standard_normal((1, d)))
@@ -218,6 +218,28 @@ def test_deleted_rows_are_masked_not_searched_past():
     assert_topk_equal(ids[keep], base[keep], queries, 26, scores, got)
     index.add(first_chunk[:5], base[:5])  # removed ids may come back
     assert np.isin(first_chunk[:5], index.ids()).all()
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_the_float32_product_in_slices_equals_brute_force_with_deletions(monkeypatch, precision):
+    """The float32 product reads a chunk FLOAT32_ROWS rows at a time (here 97, so slices straddle deleted rows and
+    chunk ends) and `query_block` queries at a time; with the int8 pass, a candidate limit of 1 sends every query there."""
+    if precision == "int8" and not int8_available():
+        pytest.skip("torch's fbgemm int8 kernels are not available on this CPU")
+    from indexer.vectors import exact
+
+    monkeypatch.setattr(exact, "FLOAT32_ROWS", 97)
+    ids, base, queries = clustered(3000, 24, 30, seed=5)
+    base = base.astype(np.float16).astype(np.float32)
+    config = ExactConfig(precision=precision, chunk_rows=1000, sketch_from_rows=0, candidate_limit=1, query_block=7)
+    index = ExactIndex(24, config)
+    index.add(ids, base)
+    gone = ids[::5]
+    index.remove(gone)
+    keep = ~np.isin(ids, gone)
+    scores, got = index.search(queries, 26)
+    assert_topk_equal(ids[keep], base[keep], queries, 26, scores, got)
+    assert index.describe()["fallbacks"] == (len(queries) if precision == "int8" else 0)
 
 
 @needs_int8
