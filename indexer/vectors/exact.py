@@ -720,11 +720,12 @@ def choose_flat_backend(n: int, dim: int, device: str = "cpu") -> tuple[str, str
     The rule, from benchmarks/bench_exact.py and benchmarks/bench_query.py --index-type exact, which
     time both side by side on the same data (results in benchmarks/results/exact_cpu.json and
     query_cpu_exact.json): on CUDA, ExactIndex (a float16 candidate pass). On a CPU, FAISS's
-    IndexFlatIP stays the default: with fbgemm's int8 pass ExactIndex answered one query 3.9x
+    IndexFlatIP stays the default: with fbgemm's int8 pass ExactIndex answered one query 3.7-3.9x
     faster and batches of 1 to 256 at least as fast on clustered data, but on isotropic data
-    (random unit vectors) the int8 error window admits about rows / 64 candidates per query, and
-    rescoring them made a batch of 256 5.7x slower. It is there for collections like the first
-    (`--index-type exact`), and FAISS when torch has no int8 kernel at all. `n` and `dim` are taken
+    (random unit vectors) the int8 error window admits so many candidates that a batch of 256
+    falls back to torch's float32 product, slower than FAISS's on that CPU: 4x slower in all. It
+    is there for collections like the first (`--index-type exact`), and FAISS when torch has no
+    int8 kernel at all. `n` and `dim` are taken
     so that a measured crossover can be added without changing callers.
     """
     kind = torch.device(device).type
