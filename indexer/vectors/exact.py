@@ -25,10 +25,10 @@ How a search runs (queries Q float32 (B, d), k results each):
    counts it. Past that count, rescoring candidates one by one (gathering each row) costs more
    than the product: measured on a 2-core AVX2 CPU, rescoring a candidate cost about as much as
    256 rows of a batched product, plus widening float16 rows to float32 for the product, a cost
-   shared by the block, about as much as rescoring rows / 9 candidates. The
-   queries falling back from all blocks of a search share one float32 pass, which widens a
-   float16 chunk once. `precision="float32"` does that for all, and so does every search of a
-   collection under `sketch_from_rows` rows (not counted).
+   shared by the block, about as much as rescoring rows / 9 candidates. The queries falling back
+   from all blocks of a search share one float32 pass, which on a CPU widens float16 rows
+   `FLOAT32_ROWS` at a time. `precision="float32"` does that for all, and so does every search of
+   a collection under `sketch_from_rows` rows (not counted).
 
 The error bound e (per query; norms are Euclidean, u32 = 2^-24 the unit roundoff of float32):
 write the query actually used as q (float32 values taken as exact reals), a stored row as x, and
@@ -97,7 +97,7 @@ _MANIFEST = "manifest.json"
 
 
 CPU_QUERY_BLOCK = 64
-FLOAT32_ROWS = 8192  # rows per slice of the float32 product
+FLOAT32_ROWS = 8192  # rows per slice of the float32 product on a CPU: buffers the allocator reuses
 
 
 @dataclass(frozen=True)
@@ -532,17 +532,19 @@ class ExactIndex(VectorIndex):
     def _search_float32(self, snap: _Snapshot, q: torch.Tensor, k: int, block: int):
         """The plain float32 product over every chunk, merged top-k: (scores (B, k'), positions (B, k')).
 
-        Rows are read `FLOAT32_ROWS` at a time (a float16 chunk widened to float32 slice by slice,
-        in buffers small enough for the allocator to reuse), queries `block` at a time."""
+        On a CPU rows are read `FLOAT32_ROWS` at a time (a float16 chunk widened to float32 slice
+        by slice, in buffers small enough for the allocator to reuse rather than page-fault a whole
+        widened chunk per search), a chunk at a time on CUDA; queries `block` at a time."""
         run_s = run_p = None
         for chunk, start in zip(snap.chunks, snap.starts):
-            for at in range(0, len(chunk.ids), FLOAT32_ROWS):
-                rows = chunk.rows[at : at + FLOAT32_ROWS].float()
+            step = FLOAT32_ROWS if self.device.type == "cpu" else len(chunk.ids)
+            for at in range(0, len(chunk.ids), step):
+                rows = chunk.rows[at : at + step].float()
                 parts = []
                 for first in range(0, len(q), block):
                     s = q[first : first + block] @ rows.T
                     if chunk.alive is not None:
-                        s.masked_fill_(~chunk.alive[at : at + FLOAT32_ROWS], -math.inf)
+                        s.masked_fill_(~chunk.alive[at : at + step], -math.inf)
                     parts.append(s.topk(min(k, s.shape[1]), dim=1))
                 v = torch.cat([p.values for p in parts])
                 i = torch.cat([p.indices for p in parts]) + int(start) + at
@@ -725,8 +727,8 @@ def choose_flat_backend(n: int, dim: int, device: str = "cpu") -> tuple[str, str
     (random unit vectors) the int8 error window admits so many candidates that a batch of 256
     falls back to torch's float32 product, slower than FAISS's on that CPU: 4x slower in all. It
     is there for collections like the first (`--index-type exact`), and FAISS when torch has no
-    int8 kernel at all. `n` and `dim` are taken
-    so that a measured crossover can be added without changing callers.
+    int8 kernel at all. `n` and `dim` are taken so that a measured crossover can be added without
+    changing callers.
     """
     kind = torch.device(device).type
     if kind == "cuda":
