@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 from PIL import Image as PILImage
 
 from indexer.errors import EmbeddingsFormatError
-from indexer.vectors.collection import MILVUS, VectorBackend, check_index_type, refresh, use_backend
+from indexer.vectors.collection import (
+    MILVUS,
+    VectorBackend,
+    backend_name,
+    check_index_type,
+    refresh,
+    use_backend,
+)
 from storage import ImageRecord, Store
 from storage._sql import _SHA256
 from storage.limits import LimitError, check_text
@@ -130,8 +137,7 @@ def import_embeddings(
             f"{collection!r} holds {existing.model}/{existing.pretrained} (dim {existing.dim}): nothing imported; "
             "import into another --collection, or give the --model and --pretrained they were made with"
         )
-    backend = vector_backend.name if vector_backend is not None else (existing and existing.vector_backend) or "faiss"
-    if backend == MILVUS:
+    if backend_name(vector_backend, existing) == MILVUS:
         index_type = index_type or (existing and existing.vector_index_type) or "flat"
         check_index_type(index_type, min(dims), MILVUS)
     elif index_type is not None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from indexer.encoder import Encoder
 from indexer.images import DEFAULT_MAX_PIXELS, BadImageError, Skip, decode, discover, read_bytes
-from indexer.vectors.collection import VectorBackend, check_index_type, refresh, use_backend
+from indexer.vectors.collection import VectorBackend, backend_name, check_index_type, refresh, use_backend
 from storage import Collection, ImageRecord, Store
 from storage.limits import LIMITS, check_count
 
@@ -190,8 +190,7 @@ def open_collection(
     if it holds another model's), its vectors placed on `vectors` (None: where it keeps them);
     IndexTypeError for an index type that cannot hold them."""
     existing = next((c for c in store.collections() if c.name == name), None)
-    backend = vectors.name if vectors is not None else (existing and existing.vector_backend) or "faiss"
-    check_index_type(index_type, encoder.dim, backend)
+    check_index_type(index_type, encoder.dim, backend_name(vectors, existing))
     coll = store.get_or_create_collection(
         name, encoder.model_name, encoder.pretrained, encoder.dim, checkpoint_path=encoder.checkpoint_path
     )

@@ -88,15 +88,15 @@ def resolve_vectors(obj, collection: str, backend, uri, token, index_type):
     """(VectorBackend, index type): the flags, completed by what the collection records (a Milvus
     collection keeps its URI and index type unless they are given again, flat for a new one); a new
     collection gets FAISS, whose index type stays as given (None: the command's default)."""
-    from indexer.vectors.collection import MILVUS, VectorBackend
+    from indexer.vectors.collection import MILVUS, VectorBackend, backend_name
 
     with obj.open_store() as store:
         existing = next((c for c in store.collections() if c.name == collection), None)
-    recorded = existing is not None and existing.vector_backend == MILVUS
-    name = backend or (MILVUS if recorded else "faiss")
+    recorded = backend_name(None, existing)
+    name = backend or recorded
     if name != MILVUS:
         return VectorBackend(name, uri), index_type
-    if recorded:
+    if recorded == MILVUS:
         uri = uri or existing.vector_uri
         index_type = index_type or existing.vector_index_type
     return VectorBackend(MILVUS, uri, token), index_type or "flat"

@@ -93,6 +93,14 @@ class VectorBackend:
             require_pymilvus()  # the install hint now, before any work
 
 
+def backend_name(backend: VectorBackend | None, coll: Collection | None) -> str:
+    """Where a collection's vectors go: `backend` when given, else where `coll` keeps them (None: not
+    created yet), else "faiss"."""
+    if backend is not None:
+        return backend.name
+    return (coll.vector_backend if coll is not None else None) or "faiss"
+
+
 def milvus_name(store: Store, coll: Collection) -> str:
     """The Milvus collection holding `coll`'s vectors: unique per store, collection and index type
     (a new index type fills a new one, and the old one is dropped once it is full)."""
@@ -115,8 +123,7 @@ def use_backend(store: Store, coll: Collection, backend: VectorBackend | None, i
     encoding; the credential is not recorded."""
     from indexer.vectors.milvus import MilvusIndex
 
-    name = backend.name if backend is not None else (coll.vector_backend or "faiss")
-    if name != MILVUS:
+    if backend_name(backend, coll) != MILVUS:
         return coll if coll.vector_backend is None else store.set_vector_backend(coll, None, None, None)
     uri = backend.uri if backend is not None else coll.vector_uri
     probe = dataclasses.replace(coll, vector_backend=MILVUS, vector_uri=uri, vector_index_type=index_type)
@@ -156,10 +163,7 @@ def open_milvus(store: Store, coll: Collection, token: str | None = None, writin
             report.removed,
         )
     if writing:
-        prefix = milvus_name(store, dataclasses.replace(coll, vector_index_type=""))
-        for other in index._client.list_collections():
-            if other.startswith(prefix) and other != index.config.collection:
-                index._client.drop_collection(other)
+        index.drop_others(milvus_name(store, dataclasses.replace(coll, vector_index_type="")))
     return index
 
 

@@ -414,6 +414,14 @@ class MilvusIndex(VectorIndex):
         with self._lock, self._errors():
             self._client.drop_collection(self.config.collection)
 
+    def drop_others(self, prefix: str) -> None:
+        """Delete the Milvus collections whose names start with `prefix`, except this one (what a
+        change of index type left behind)."""
+        with self._lock, self._errors():
+            for other in self._client.list_collections():
+                if other.startswith(prefix) and other != self.config.collection:
+                    self._client.drop_collection(other)
+
     def save(self, directory: Path) -> dict:
         """Flush, then record where the collection lives in `directory`/manifest.json (no credentials)."""
         directory = Path(directory)
