@@ -1,10 +1,8 @@
 """Stateless service replicas: two `clipbt serve` processes over one PostgreSQL and one `milvus-lite server`; what one replica records, the other's next search sees."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
@@ -12,6 +10,7 @@ from contextlib import ExitStack
 import pytest
 from click.testing import CliRunner
 from indexer_fixtures import TEST_MODEL, clipbt_argv, make_images, register_test_model
+from local_servers import free_port, wait_for_port
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -21,12 +20,6 @@ from engine.cli import main
 
 MODEL = ["--model", TEST_MODEL, "--pretrained", "random", "--workers", "0", "--no-progress"]
 START_S = 90  # the most a server may take to answer (a replica loads torch and the model)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _started(stack: ExitStack, argv: list[str], env=None) -> subprocess.Popen:
@@ -39,21 +32,6 @@ def _started(stack: ExitStack, argv: list[str], env=None) -> subprocess.Popen:
 
     stack.callback(stop)
     return process
-
-
-def _wait_for_port(process: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + START_S
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(
-                    f"server on port {port} did not start: {process.stderr.read().decode()[-2000:]}"
-                ) from None
-            time.sleep(0.2)
 
 
 def _call(port: int, token: str, path: str, body: dict | None = None):
@@ -75,7 +53,7 @@ def _search(port: int, token: str, query: str, k: int) -> list[int]:
 def test_a_preference_posted_to_one_replica_changes_the_other_replicas_next_search(pg_url, tmp_path):
     register_test_model()
     db = pg_url.render_as_string(hide_password=False)
-    milvus_port, ports = _free_port(), (_free_port(), _free_port())
+    milvus_port, ports = free_port(), (free_port(), free_port())
     uri = f"http://127.0.0.1:{milvus_port}"
     make_images(tmp_path / "pics", 8)
 
@@ -92,7 +70,7 @@ def test_a_preference_posted_to_one_replica_changes_the_other_replicas_next_sear
             [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus.db"),
              "--host", "127.0.0.1", "--port", str(milvus_port)],
         )  # fmt: skip
-        _wait_for_port(server, milvus_port)
+        wait_for_port(server, milvus_port, START_S)
         cli("index", str(tmp_path / "pics"), *MODEL, "--backend", "milvus", "--milvus-uri", uri)
         tokens = {}
         for user in ("ann", "bob"):
@@ -105,7 +83,7 @@ def test_a_preference_posted_to_one_replica_changes_the_other_replicas_next_sear
             )
             replicas.append(_started(stack, argv, env))
         for replica, port in zip(replicas, ports):
-            _wait_for_port(replica, port)
+            wait_for_port(replica, port, START_S)
         query = "a bright picture"
         plain = {user: _search(ports[1], tokens[user], query, 8) for user in ("ann", "bob")}
         assert plain["ann"] == plain["bob"] == _search(ports[0], tokens["ann"], query, 8)

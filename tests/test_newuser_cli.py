@@ -3,12 +3,12 @@ collections, a note for a user without preferences, missing files marked in resu
 
 import json
 import re
-import socket
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from indexer_fixtures import TEST_MODEL, make_images, register_test_model
+from local_servers import free_port
 
 from engine.cli import main
 from storage import Store
@@ -28,12 +28,6 @@ def clipbt(*args, env=None, input=None):
 def ok(result):
     assert result.exit_code == 0, result.output
     return result
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def index_dirs(home):
@@ -97,7 +91,7 @@ def test_a_postgresql_url_is_the_store_of_every_command(tmp_path, pg_url):
 
 
 def test_an_unreachable_server_is_one_error_naming_the_host_never_the_password(tmp_path):
-    port = closed_port()
+    port = free_port()
     result = clipbt("--home", tmp_path, "--db", f"postgresql://ann:s3cret@127.0.0.1:{port}/clipbt", "users")
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1, result.output

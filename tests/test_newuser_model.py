@@ -1,7 +1,6 @@
 """What a new user meets first about models: the shipped model by name, a note when it indexes other images,
 one fast clear error for hub weights without network, and the numpy text tower a search uses."""
 
-import socket
 import time
 
 import huggingface_hub.constants
@@ -10,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from indexer_fixtures import make_images
+from local_servers import free_port
 
 from engine.cli import main
 from engine.cli.index import TINY_NOTE
@@ -27,13 +27,6 @@ TEXTS = [
     "an astronaut's rocket, isn't it?",
     "three small green triangles",
 ]
-
-
-def closed_port() -> int:
-    """A local TCP port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_numpy_text_tower_matches_open_clip():
@@ -72,7 +65,7 @@ def test_clipbt_tiny_on_a_folder_outside_its_world_says_what_it_is_for(tmp_path)
 @pytest.mark.parametrize("offline", [False, True], ids=["unreachable-hub", "HF_HUB_OFFLINE"])
 def test_hub_weights_without_network_fail_within_10_s_with_one_message(tmp_path, monkeypatch, offline):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     make_images(tmp_path / "photos", 1)
     start = time.monotonic()

@@ -3,11 +3,9 @@
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from indexer.vectors.milvus import (
     repair,
 )
 from storage.errors import InvalidIndexError
+from tests.local_servers import free_port, wait_for_port
 from tests.vectors.conformance import (
     Conformance,
     assert_topk_equal,
@@ -242,15 +241,9 @@ def test_repair_after_the_writer_is_killed(tmp_path):
     assert_topk_equal(ids, base, queries, 10, *index.search(queries, 10))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_milvus_lite_server_on_localhost(tmp_path):
     """`milvus-lite server` shares one file between processes over http://127.0.0.1:PORT; a lost server is a MilvusError naming the URI."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "shared.db"),
          "--host", "127.0.0.1", "--port", str(port)],
@@ -258,14 +251,7 @@ def test_milvus_lite_server_on_localhost(tmp_path):
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "milvus-lite server did not start"
-                time.sleep(0.2)
+        wait_for_port(server, port, 60)
         ids, base, queries = clustered(800, 16, 10, seed=11)
         index = MilvusIndex(MilvusConfig(uri, "shared", 16), token="root:Milvus")
         index.add(ids, base)
@@ -283,7 +269,7 @@ def test_bad_uris_are_milvus_errors(tmp_path):
         MilvusConfig("vectors", "c", 8)
     with pytest.raises(MilvusError, match="folder .*missing does not exist"):
         MilvusIndex(MilvusConfig(str(tmp_path / "missing" / "v.db"), "c", 8))
-    port = _free_port()
+    port = free_port()
     with pytest.raises(MilvusError, match=f"cannot reach Milvus at http://127.0.0.1:{port} .*{TOKEN_ENV}"):
         MilvusIndex(MilvusConfig(f"http://127.0.0.1:{port}", "c", 8, timeout=2))
     with pytest.raises(MilvusError, match="carries credentials") as refused:
