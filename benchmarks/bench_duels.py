@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from machine import describe  # benchmarks/machine.py
 
-from engine.bt import PairSet, map_adapt_many
+from engine.bt import PairSet, logistic, map_adapt_many
 from engine.bt.map import MapConfig
 from engine.demo import demo_user
 from engine.duels import DEFAULT_STRATEGY, STRATEGIES, DuelConfig, choose_duel
@@ -91,7 +91,7 @@ def run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, co
             config,
         )
         asked.append((a, b))
-        win = rng.random() < 1 / (1 + np.exp(-(u[a] - u[b])))
+        win = rng.random() < logistic(u[a] - u[b])
         w, lose = (a, b) if win else (b, a)
         pairs_ids.append((w, lose))
         pref.append(images[w])
@@ -102,7 +102,7 @@ def run_one(strategy, user, x0, relevant, images, utilities, candidates, rng, co
             i, j = np.triu_indices(len(cand), 1)
             keep = np.array([frozenset((cand[p], cand[q])) not in {frozenset(z) for z in asked} for p, q in zip(i, j)])
             i, j = i[keep], j[keep]
-            p_true = 1 / (1 + np.exp(-(u[cand[i]] - u[cand[j]])))
+            p_true = logistic(u[cand[i]] - u[cand[j]])
             acc = np.where(s[i] > s[j], p_true, np.where(s[i] < s[j], 1 - p_true, 0.5)).mean()
             out[t] = {
                 "taste": float(good[top].mean()),
@@ -127,12 +127,12 @@ def compare_calibration(x, pairs_ids, images, utilities, candidates, beta: float
     win = np.array([a for a, _ in direct], dtype=np.int64)
     lose = np.array([b for _, b in direct], dtype=np.int64)
     i, j = np.triu_indices(len(cand), 1)
-    p_true = 1 / (1 + np.exp(-(utilities[cand[i]] - utilities[cand[j]])))
+    p_true = logistic(utilities[cand[i]] - utilities[cand[j]])
     out = {}
     for prior in PRIORS:
         theta = fit_strengths(beta * (images[cand] @ x), win, lose, None, prior, RankConfig().newton_steps)
         for t in TEMPERATURES:
-            p = np.clip(1 / (1 + np.exp(-t * (theta[i] - theta[j]))), 1e-9, 1 - 1e-9)
+            p = np.clip(logistic(t * (theta[i] - theta[j])), 1e-9, 1 - 1e-9)
             conf = np.maximum(p, 1 - p)
             hit = np.where(p >= 0.5, p_true, 1 - p_true)
             edges = np.minimum(((conf - 0.5) * 20).astype(int), 9)
@@ -141,7 +141,7 @@ def compare_calibration(x, pairs_ids, images, utilities, candidates, beta: float
                 for b in range(10)
                 if (edges == b).any()
             )
-            chosen = 1 / (1 + np.exp(-t * (theta[win] - theta[lose]))) if len(win) else np.array([np.nan])
+            chosen = logistic(t * (theta[win] - theta[lose])) if len(win) else np.array([np.nan])
             out[prior, t] = {
                 "log_likelihood": float(np.mean(p_true * np.log(p) + (1 - p_true) * np.log(1 - p))),
                 "ece": float(ece),
