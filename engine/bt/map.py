@@ -178,18 +178,16 @@ def _newton_in_span(
     """Damped Newton steps on the coefficients a of U queries at once (see `map_fit`); returns a and W, (U, n)."""
     u_count, n = len(q), max(len(p) for p in pair_sets)
     at_x0 = np.zeros((u_count, n))
+    for row, pairs in enumerate(pair_sets):
+        at_x0[row, : len(pairs)] = pairs.diffs.astype(np.float64) @ q[row]
     if all(len(p) == n for p in pair_sets):  # the common case: one stack, no padding
         gram, w = np.stack([p.gram for p in pair_sets]), np.stack(weights).astype(np.float64)
-        for row, pairs in enumerate(pair_sets):
-            at_x0[row] = pairs.diffs.astype(np.float64) @ q[row]
     else:
         gram = np.zeros((u_count, n, n))
         w = np.zeros((u_count, n))  # 0 on padding
         for row, (pairs, wb) in enumerate(zip(pair_sets, weights)):
-            m = len(pairs)
-            gram[row, :m, :m] = pairs.gram
-            at_x0[row, :m] = pairs.diffs.astype(np.float64) @ q[row]
-            w[row, :m] = wb
+            gram[row, : len(pairs), : len(pairs)] = pairs.gram
+            w[row, : len(pairs)] = wb
 
     def objective(a, ga):  # ga = G a, per query
         return (w * np.logaddexp(0.0, -beta * (at_x0 + ga))).sum(1) + 0.5 * lam * (a * ga).sum(1)
