@@ -130,7 +130,7 @@ def import_embeddings(
             f"embeddings of {str(directory)!r} have dimension {min(dims)}, but {name} embeds in dimension "
             f"{model_dim}: nothing imported; give the --model and --pretrained they were made with"
         )
-    existing = {c.name: c for c in store.collections()}.get(collection)
+    existing = store.find_collection(collection)
     if existing is not None and (existing.model, existing.pretrained, existing.dim) != (name, recorded, min(dims)):
         raise EmbeddingsFormatError(
             f"embeddings of {str(directory)!r} are {name}/{recorded} (dim {min(dims)}), but collection "

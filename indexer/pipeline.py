@@ -189,7 +189,7 @@ def open_collection(
     """The collection `name` for `encoder`'s embeddings, created if missing (CollectionMismatchError
     if it holds another model's), its vectors placed on `vectors` (None: where it keeps them);
     IndexTypeError for an index type that cannot hold them."""
-    existing = next((c for c in store.collections() if c.name == name), None)
+    existing = store.find_collection(name)
     check_index_type(index_type, encoder.dim, backend_name(vectors, existing))
     coll = store.get_or_create_collection(
         name, encoder.model_name, encoder.pretrained, encoder.dim, checkpoint_path=encoder.checkpoint_path

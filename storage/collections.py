@@ -82,6 +82,12 @@ class CollectionsMixin:
         with self._read() as conn:
             return self._collection(conn, ref)
 
+    def find_collection(self, name: str) -> Collection | None:
+        """The collection called `name`, or None if there is none."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(S.collections).where(S.collections.c.name == name)).first()
+        return None if row is None else _collection(row)
+
     def collections(self) -> list[Collection]:
         """Every collection, in creation order."""
         with self._read() as conn:

@@ -97,6 +97,7 @@ def test_collections(store):
     checkpoint = "sha256:" + sha("weights")
     b = store.get_or_create_collection("art", "ViT-L-14", checkpoint, 768, "float32")
     assert store.collections() == [a, b]
+    assert store.find_collection("art") == b and store.find_collection("nope") is None
     assert b.embedding_dtype == "float32"
     with pytest.raises(CollectionExistsError, match="'photos' already exists"):
         store.create_collection("photos", "ViT-B-32", "openai", 512)

@@ -91,7 +91,7 @@ def resolve_vectors(obj, collection: str, backend, uri, token, index_type):
     from indexer.vectors.collection import MILVUS, VectorBackend, backend_name
 
     with obj.open_store() as store:
-        existing = next((c for c in store.collections() if c.name == collection), None)
+        existing = store.find_collection(collection)
     recorded = backend_name(None, existing)
     name = backend or recorded
     if name != MILVUS:
