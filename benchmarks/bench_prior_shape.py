@@ -46,17 +46,22 @@ def shaped(data: datasets.EncodedDataset, power: float | None) -> datasets.Encod
     """`data` in the basis where the prior Sigma (eigenvalues e^power of the images' covariance) is isotropic."""
     if power is None:
         return data
-    images = data.images.astype(np.float64)
-    eigenvalues, basis = np.linalg.eigh(np.cov(images.T))
+    eigenvalues, basis = np.linalg.eigh(np.cov(data.images.astype(np.float64).T))
     eigenvalues = np.clip(eigenvalues, 0.0, None)
     if power < 0:
         eigenvalues = eigenvalues + WHITENING_FLOOR * eigenvalues.mean()
-    sigma = eigenvalues**power
-    sigma /= sigma.mean()
+    return in_prior_basis(data, eigenvalues**power, basis)
+
+
+def in_prior_basis(
+    data: datasets.EncodedDataset, eigenvalues: np.ndarray, basis: np.ndarray
+) -> datasets.EncodedDataset:
+    """`data` in the basis where the prior Sigma = basis diag(eigenvalues) basis^T (normalised to mean 1) is isotropic."""
+    sigma = eigenvalues / eigenvalues.mean()
     root, inverse_root = (basis * np.sqrt(sigma)) @ basis.T, (basis / np.sqrt(sigma)) @ basis.T
     return dataclasses.replace(
         data,
-        images=(images @ root).astype(np.float32),
+        images=(data.images.astype(np.float64) @ root).astype(np.float32),
         queries=(data.queries.astype(np.float64) @ inverse_root).astype(np.float32),
     )
 

@@ -89,6 +89,8 @@ def train(
     p_position: float = 0.0,
     hard_shape: float = 0.0,
     init: Path | None = None,
+    p_shape_only: float = 0.2,
+    p_colour_only: float = 0.05,
 ) -> dict:
     if seed == HELD_OUT_SEED:
         raise SystemExit(f"--seed {seed} is the held-out world seed; pick another")
@@ -127,7 +129,7 @@ def train(
         else:
             choices = same_colour[rng.integers(len(same_colour))] if r < hard_shape + hard else pool_size
         batch = rng.choice(choices, size=batch_size, replace=False)
-        texts = tokenizer([caption(attrs[i], rng, p_quality, p_position) for i in batch])
+        texts = tokenizer([caption(attrs[i], rng, p_quality, p_position, p_shape_only, p_colour_only) for i in batch])
         image_features, text_features, logit_scale = model(_normalise(pool[batch]), texts)
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
@@ -171,6 +173,8 @@ def train(
         "same_colour_and_shape_batches": hard_shape,
         "p_quality_caption": p_quality,
         "p_position_caption": p_position,
+        "p_shape_only_caption": p_shape_only,
+        "p_colour_only_caption": p_colour_only,
         "init": str(init) if init else None,
         "lr": lr,
         "machine": f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
@@ -198,6 +202,8 @@ def main() -> None:
         "--p-quality", type=float, default=0.0, help="probability that a caption names the image quality"
     )
     parser.add_argument("--p-position", type=float, default=0.0, help="probability that a caption names the position")
+    parser.add_argument("--p-shape-only", type=float, default=0.2, help="share of captions that name only the shape")
+    parser.add_argument("--p-colour-only", type=float, default=0.05, help="share of captions that name only the colour")
     parser.add_argument(
         "--init", type=Path, default=None, help="start from these weights (safetensors) instead of random"
     )
@@ -220,6 +226,8 @@ def main() -> None:
         args.p_position,
         args.hard_shape,
         args.init,
+        args.p_shape_only,
+        args.p_colour_only,
     )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")

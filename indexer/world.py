@@ -226,17 +226,25 @@ def _position_phrase(words: str) -> str:
     return f"at the {words}" if words in ("top", "bottom") else f"in the {words}"
 
 
-def caption(attrs: Attributes, rng: np.random.Generator, p_quality: float = 0.0, p_position: float = 0.0) -> str:
+def caption(
+    attrs: Attributes,
+    rng: np.random.Generator,
+    p_quality: float = 0.0,
+    p_position: float = 0.0,
+    p_shape_only: float = 0.2,
+    p_colour_only: float = 0.05,
+) -> str:
     """A caption from varied templates, e.g. "a large red circle on a dark background", "two blue squares".
 
-    Most name colour and shape; a fifth name only the shape ("a star") and a few only the colour ("a red shape").
+    Most name colour and shape; a share p_shape_only name only the shape ("a star") and p_colour_only only the
+    colour ("a red shape").
     Size, fill, count and background are mentioned sometimes; the image quality ("a blurry ...", "a sharp ...") with
     probability p_quality and the position ("... in the top left") with probability p_position, as real captions
     sometimes do (both 0 by default: the draws of other words do not depend on them).
     """
     r = rng.random()
-    colour = f"{attrs.colour} " if r >= 0.2 else ""
-    shape = "shape" if 0.2 <= r < 0.25 else attrs.shape
+    colour = f"{attrs.colour} " if r >= p_shape_only else ""
+    shape = "shape" if p_shape_only <= r < p_shape_only + p_colour_only else attrs.shape
     size = f"{attrs.size} " if rng.random() < 0.4 else ""
     fill = ("filled " if attrs.filled else str(rng.choice(["outlined ", "hollow "]))) if rng.random() < 0.35 else ""
     bg = f" on a {attrs.background} background" if rng.random() < 0.35 else ""

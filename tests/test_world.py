@@ -137,6 +137,19 @@ def test_captions_name_quality_and_position_truthfully_when_asked():
     assert 0.4 < named["quality"] / len(world) < 0.6 and 0.4 < named["position"] / len(world) < 0.6
 
 
+def test_shares_of_shape_only_and_colour_only_captions_are_what_is_asked():
+    rng = np.random.default_rng(3)
+    world = generate(300, seed=5)
+    only = {"shape": 0, "colour": 0}
+    for _, a in world:
+        words = set(re.findall(r"[a-z]+", caption(a, rng, p_shape_only=0.3, p_colour_only=0.4)))
+        shapes = {PLURALS.get(w, w) for w in words} & set(SHAPES)
+        only["shape"] += a.colour not in words
+        only["colour"] += not shapes
+        assert a.colour in words or shapes == {a.shape}, words
+    assert 0.22 < only["shape"] / len(world) < 0.38 and 0.32 < only["colour"] / len(world) < 0.48, only
+
+
 def test_captions_vary():
     rng = np.random.default_rng(0)
     _, a = generate_one(0, seed=0)
