@@ -9,7 +9,8 @@ It generates a pool of world images once (world seed = --seed), then takes AdamW
 batches of pool images with freshly sampled captions. Half the batches hold a single colour, so that shape, the
 hardest captioned attribute, decides the contrastive loss there (--hard-shape: a share of batches of one colour and
 one shape, where quality, position, fill and size must decide). --p-quality and --p-position make captions name the
-image quality ("a blurry ...") and the position ("... on the left") that often (indexer.world.caption); --init
+image quality ("a blurry ...") and the position ("... on the left") that often, and --p-shape-only and
+--p-colour-only set the shares of captions that name only the shape or only the colour (indexer.world.caption); --init
 starts from given weights (e.g. the shipped ones) instead of random. The learning rate warms up, then follows a cosine
 over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
 weights are written as fp16 safetensors; the report (benchmarks/results/default_model.json) measures the written
