@@ -10,8 +10,10 @@ batches of pool images with freshly sampled captions. Half the batches hold a si
 hardest captioned attribute, decides the contrastive loss there (--hard-shape: a share of batches of one colour and
 one shape, where quality, position, fill and size must decide). --p-quality and --p-position make captions name the
 image quality ("a blurry ...") and the position ("... on the left") that often, and --p-shape-only and
---p-colour-only set the shares of captions that name only the shape or only the colour (indexer.world.caption); --init
-starts from given weights (e.g. the shipped ones) instead of random. The learning rate warms up, then follows a cosine
+--p-colour-only set the shares of captions that name only the shape or only the colour (indexer.world.caption).
+--attribute-weight adds linear classifiers of the nameable attributes on the image embedding (AttributeHead), trained
+beside the contrastive loss and dropped from the written weights. --init starts from given weights (e.g. the shipped
+ones) instead of random. The learning rate warms up, then follows a cosine
 over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
 weights are written as fp16 safetensors; the report (benchmarks/results/default_model.json) measures the written
 file on held-out images."""
@@ -33,7 +35,7 @@ from safetensors.torch import save_file
 
 from indexer.default_model import DEFAULT_MODEL_NAME, register
 from indexer.default_model.quality import HELD_OUT_SEED, measure
-from indexer.world import WorldConfig, caption, generate
+from indexer.world import BACKGROUNDS, COLOURS, QUALITIES, SHAPES, SIZES, Attributes, WorldConfig, caption, generate
 
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default_model.json"
 
@@ -50,6 +52,67 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+ATTRIBUTE_CLASSES = {  # what a caption can name, as classes: the auxiliary head's targets
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": SIZES,
+    "filled": (False, True),
+    "count": (1, 2, 3),
+    "background": tuple(BACKGROUNDS),
+    "column": ("left", "middle", "right"),
+    "row": ("top", "middle", "bottom"),
+    "quality": QUALITIES,
+}
+
+
+def _third(v: float) -> int:
+    return 0 if v < 1 / 3 else 2 if v > 2 / 3 else 1
+
+
+def attribute_targets(attrs: list[Attributes]) -> torch.Tensor:
+    """(n, len(ATTRIBUTE_CLASSES)) class indices of each image's nameable attributes (position as thirds)."""
+    c = ATTRIBUTE_CLASSES
+    return torch.tensor(
+        [
+            [
+                c["shape"].index(a.shape),
+                c["colour"].index(a.colour),
+                c["size"].index(a.size),
+                int(a.filled),
+                a.count - 1,
+                c["background"].index(a.background),
+                _third(a.x),
+                _third(a.y),
+                c["quality"].index(a.quality),
+            ]
+            for a in attrs
+        ]
+    )
+
+
+class AttributeHead(torch.nn.Module):
+    """One linear classifier per attribute on the unit image embedding, trained beside the contrastive loss and
+    then dropped: it asks each nameable attribute to be a linear direction of the embedding, which is what a
+    user's Bradley-Terry adaptation can move along."""
+
+    def __init__(self, dim: int, cosine_scale: float = 0.0):
+        super().__init__()
+        self.sizes = [len(v) for v in ATTRIBUTE_CLASSES.values()]
+        self.linear = torch.nn.Linear(dim, sum(self.sizes))
+        self.cosine_scale = cosine_scale  # > 0: unit class directions at this fixed scale, so the classes must
+        # take up the embedding's length rather than a small corner of it
+
+    def logits(self, unit_embeddings: torch.Tensor) -> torch.Tensor:
+        if not self.cosine_scale:
+            return self.linear(unit_embeddings)
+        directions = torch.nn.functional.normalize(self.linear.weight, dim=1)
+        return self.cosine_scale * unit_embeddings @ directions.T + self.linear.bias
+
+    def loss(self, unit_embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(unit_embeddings).split(self.sizes, dim=1)
+        return sum(torch.nn.functional.cross_entropy(z, targets[:, k]) for k, z in enumerate(logits)) / len(logits)
 
 
 def _lr(progress: float, base: float, warmup: float = 0.04) -> float:
@@ -92,6 +155,8 @@ def train(
     init: Path | None = None,
     p_shape_only: float = 0.2,
     p_colour_only: float = 0.05,
+    attribute_weight: float = 0.0,
+    attribute_cosine_scale: float = 0.0,
 ) -> dict:
     if seed == HELD_OUT_SEED:
         raise SystemExit(f"--seed {seed} is the held-out world seed; pick another")
@@ -102,9 +167,14 @@ def train(
     )
     tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
     loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(_param_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    head = AttributeHead(model.text_projection.shape[1], attribute_cosine_scale)
+    groups = _param_groups(model, 0.1) + (
+        [{"params": head.parameters(), "weight_decay": 0.0}] if attribute_weight else []
+    )
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     start = time.time()
     pool, attrs = _pool(pool_size, seed, WorldConfig())
+    targets = attribute_targets(attrs)
     colours = np.array([a.colour for a in attrs])
     same_colour = [np.flatnonzero(colours == c) for c in np.unique(colours)]
     kinds = np.array([f"{a.colour} {a.shape}" for a in attrs])
@@ -132,7 +202,9 @@ def train(
         batch = rng.choice(choices, size=batch_size, replace=False)
         texts = tokenizer([caption(attrs[i], rng, p_quality, p_position, p_shape_only, p_colour_only) for i in batch])
         image_features, text_features, logit_scale = model(_normalise(pool[batch]), texts)
-        loss = loss_fn(image_features, text_features, logit_scale)
+        contrastive = loss_fn(image_features, text_features, logit_scale)
+        attribute_loss = head.loss(image_features, targets[batch]) if attribute_weight else torch.zeros(())
+        loss = contrastive + attribute_weight * attribute_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,7 +213,8 @@ def train(
         step += 1
         if step % 25 == 0:
             print(
-                f"step {step} {elapsed / 60:5.1f} min loss {loss.item():.3f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"step {step} {elapsed / 60:5.1f} min loss {contrastive.item():.3f} attributes {attribute_loss.item():.3f} "
+                f"lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"scale {model.logit_scale.exp().item():.1f}",
                 flush=True,
             )
@@ -176,6 +249,8 @@ def train(
         "p_position_caption": p_position,
         "p_shape_only_caption": p_shape_only,
         "p_colour_only_caption": p_colour_only,
+        "attribute_weight": attribute_weight,
+        "attribute_cosine_scale": attribute_cosine_scale,
         "init": str(init) if init else None,
         "lr": lr,
         "machine": f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
@@ -206,6 +281,18 @@ def main() -> None:
     parser.add_argument("--p-shape-only", type=float, default=0.2, help="share of captions that name only the shape")
     parser.add_argument("--p-colour-only", type=float, default=0.05, help="share of captions that name only the colour")
     parser.add_argument(
+        "--attribute-weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary loss of linear attribute classifiers on the image embedding (0: none)",
+    )
+    parser.add_argument(
+        "--attribute-cosine-scale",
+        type=float,
+        default=0.0,
+        help="> 0: the attribute classifiers use unit directions at this fixed scale (0: plain linear)",
+    )
+    parser.add_argument(
         "--init", type=Path, default=None, help="start from these weights (safetensors) instead of random"
     )
     parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out progress checks")
@@ -229,6 +316,8 @@ def main() -> None:
         args.init,
         args.p_shape_only,
         args.p_colour_only,
+        args.attribute_weight,
+        args.attribute_cosine_scale,
     )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
