@@ -35,7 +35,18 @@ from safetensors.torch import save_file
 
 from indexer.default_model import DEFAULT_MODEL_NAME, register
 from indexer.default_model.quality import HELD_OUT_SEED, measure
-from indexer.world import BACKGROUNDS, COLOURS, QUALITIES, SHAPES, SIZES, Attributes, WorldConfig, caption, generate
+from indexer.world import (
+    BACKGROUNDS,
+    COLOURS,
+    QUALITIES,
+    SHAPES,
+    SIZES,
+    Attributes,
+    WorldConfig,
+    caption,
+    generate,
+    third,
+)
 
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "default_model.json"
 
@@ -67,10 +78,6 @@ ATTRIBUTE_CLASSES = {  # what a caption can name, as classes: the auxiliary head
 }
 
 
-def _third(v: float) -> int:
-    return 0 if v < 1 / 3 else 2 if v > 2 / 3 else 1
-
-
 def attribute_targets(attrs: list[Attributes]) -> torch.Tensor:
     """(n, len(ATTRIBUTE_CLASSES)) class indices of each image's nameable attributes (position as thirds)."""
     c = ATTRIBUTE_CLASSES
@@ -83,8 +90,8 @@ def attribute_targets(attrs: list[Attributes]) -> torch.Tensor:
                 int(a.filled),
                 a.count - 1,
                 c["background"].index(a.background),
-                _third(a.x),
-                _third(a.y),
+                third(a.x),
+                third(a.y),
                 c["quality"].index(a.quality),
             ]
             for a in attrs
@@ -167,10 +174,8 @@ def train(
     )
     tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
     loss_fn = open_clip.ClipLoss()
-    head = AttributeHead(model.text_projection.shape[1], attribute_cosine_scale)
-    groups = _param_groups(model, 0.1) + (
-        [{"params": head.parameters(), "weight_decay": 0.0}] if attribute_weight else []
-    )
+    head = AttributeHead(model.text_projection.shape[1], attribute_cosine_scale) if attribute_weight else None
+    groups = _param_groups(model, 0.1) + ([{"params": head.parameters(), "weight_decay": 0.0}] if head else [])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     start = time.time()
     pool, attrs = _pool(pool_size, seed, WorldConfig())
@@ -203,7 +208,7 @@ def train(
         texts = tokenizer([caption(attrs[i], rng, p_quality, p_position, p_shape_only, p_colour_only) for i in batch])
         image_features, text_features, logit_scale = model(_normalise(pool[batch]), texts)
         contrastive = loss_fn(image_features, text_features, logit_scale)
-        attribute_loss = head.loss(image_features, targets[batch]) if attribute_weight else torch.zeros(())
+        attribute_loss = head.loss(image_features, targets[batch]) if head else torch.zeros(())
         loss = contrastive + attribute_weight * attribute_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -212,10 +212,15 @@ QUALITY_WORDS = {
 }
 
 
+def third(v: float) -> int:
+    """Which third of the image side a centre coordinate (0..1) falls in: 0, 1 or 2."""
+    return 0 if v < 1 / 3 else 2 if v > 2 / 3 else 1
+
+
 def position_words(attrs: Attributes) -> str:
     """Where the shapes sit, e.g. "top left", "right", "centre": thirds of the image along each axis."""
-    vertical = "top" if attrs.y < 1 / 3 else "bottom" if attrs.y > 2 / 3 else ""
-    horizontal = "left" if attrs.x < 1 / 3 else "right" if attrs.x > 2 / 3 else ""
+    vertical = ("top", "", "bottom")[third(attrs.y)]
+    horizontal = ("left", "", "right")[third(attrs.x)]
     return " ".join(w for w in (vertical, horizontal) if w) or "centre"
 
 
