@@ -18,11 +18,10 @@ import argparse
 import dataclasses
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from bench_prior_shape import in_prior_basis  # benchmarks/bench_prior_shape.py
+from bench_prior_shape import encoded_world, in_prior_basis, map_accuracy  # benchmarks/bench_prior_shape.py
 from machine import describe  # benchmarks/machine.py
 
 from engine.bench import datasets, protocol
@@ -85,9 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
             folder = Path(tmp) / f"world-{seed}"
-            encoded = datasets.encode(
-                datasets.load_world(folder, datasets.WorldBenchConfig(seed=seed)), encoder, query="global", cache=None
-            )
+            encoded = encoded_world(folder, seed, encoder)
             features = world.feature_matrix([a for _, a in world.read_collection(folder)])
             config = protocol.BenchConfig(
                 sizes=sizes, repeats=args.repeats, splits=args.splits, per_user=True, seed=seed, methods=("map",)
@@ -100,16 +97,7 @@ def main() -> None:
             variants["prior on the attribute subspace"] = subspace_prior(encoded, features)
             rows = {}
             for name, data in variants.items():
-                start = time.perf_counter()
-                run = protocol.run(data, config, name=f"world {seed}, {name}")
-                rows[name] = {
-                    "mean": [round(100 * v, 2) for v in run.methods["map"]["mean"]],
-                    "std_draws": [round(100 * v, 2) for v in run.methods["map"]["std_draws"]],
-                    "std_splits": [round(100 * v, 2) for v in run.methods["map"]["std_splits"]],
-                }
-                print(
-                    f"world {seed} {name:>40}: {rows[name]['mean']} ({time.perf_counter() - start:.0f} s)", flush=True
-                )
+                rows[name], run = map_accuracy(data, config, f"world {seed}, {name}")
             result["worlds"][str(seed)] = {"oracle": round(100 * run.oracle, 2), "variants": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -66,6 +66,22 @@ def in_prior_basis(
     )
 
 
+def encoded_world(folder: Path, seed: int, encoder: Encoder) -> datasets.EncodedDataset:
+    """The benchmark's world of this seed (images written into `folder`), encoded against the global query."""
+    world = datasets.load_world(folder, datasets.WorldBenchConfig(seed=seed))
+    return datasets.encode(world, encoder, query="global", cache=None)
+
+
+def map_accuracy(data: datasets.EncodedDataset, config: protocol.BenchConfig, label: str):
+    """The per-user protocol on method "map": (row of % accuracies per N, mean and std over draws and over
+    splits; the run), printed with its time."""
+    start = time.perf_counter()
+    run = protocol.run(data, config, name=label)
+    row = {key: [round(100 * v, 2) for v in run.methods["map"][key]] for key in ("mean", "std_draws", "std_splits")}
+    print(f"{label:>50}: {row['mean']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return row, run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1", help="worlds to run (seed 0 is the one the defaults were tuned on)")
@@ -89,24 +105,15 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
-            world = datasets.load_world(Path(tmp) / f"world-{seed}", datasets.WorldBenchConfig(seed=seed))
-            encoded = datasets.encode(world, encoder, query="global", cache=None)
+            encoded = encoded_world(Path(tmp) / f"world-{seed}", seed, encoder)
             eigenvalues = np.clip(np.linalg.eigvalsh(np.cov(encoded.images.astype(np.float64).T)), 0.0, None)
             config = protocol.BenchConfig(
                 sizes=sizes, repeats=args.repeats, splits=args.splits, per_user=True, seed=seed, methods=("map",)
             )
             rows = {"effective_dimensions": float(eigenvalues.sum() ** 2 / (eigenvalues**2).sum())}
             for name, power in VARIANTS.items():
-                start = time.perf_counter()
-                run = protocol.run(shaped(encoded, power), config, name=f"world {seed}, {name}")
-                rows[name] = {
-                    "mean": [round(100 * v, 2) for v in run.methods["map"]["mean"]],
-                    "std_splits": [round(100 * v, 2) for v in run.methods["map"]["std_splits"]],
-                    "chosen": run.hyperparameters["map"],
-                }
-                print(
-                    f"world {seed} {name:>10}: {rows[name]['mean']} ({time.perf_counter() - start:.0f} s)", flush=True
-                )
+                row, run = map_accuracy(shaped(encoded, power), config, f"world {seed}, {name}")
+                rows[name] = {**row, "chosen": run.hyperparameters["map"]}
             rows["oracle"] = round(100 * run.oracle, 2)
             result["worlds"][str(seed)] = rows
     RESULTS.mkdir(exist_ok=True)
