@@ -160,6 +160,12 @@ def main() -> None:
         default=",".join([DEFAULT_STRATEGY] + [s for s in STRATEGIES if s != DEFAULT_STRATEGY]),
         help="comma-separated; compare's calibration is measured on the first",
     )
+    parser.add_argument(
+        "--prior-precision",
+        type=float,
+        default=MapConfig().prior_precision,
+        help="lambda of the MAP posterior the duels and the search use (default: search's)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "duels.json")
     args = parser.parse_args()
@@ -172,7 +178,7 @@ def main() -> None:
     combos = [(c, s) for c in COLOURS for s in SHAPES]
     queries = [combos[i] for i in qrng.choice(len(combos), n_queries, replace=False)]
     texts = encoder.encode_text([f"a {c} {s}" for c, s in queries]).astype(np.float32)
-    config, rank = DuelConfig(), RankConfig()
+    config, rank = DuelConfig(posterior=MapConfig(prior_precision=args.prior_precision)), RankConfig()
     strategies = args.strategies.split(",")
     results = {s: {t: {"taste": [], "relevance": [], "pair_accuracy": []} for t in CHECKPOINTS} for s in strategies}
     plain = {"taste": [], "relevance": [], "pair_accuracy": []}

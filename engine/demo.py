@@ -80,6 +80,7 @@ def run_demo(
     from indexer.pipeline import index_paths
 
     with Store.open(db, home=home, config=StoreConfig(index_dir=home / "indexes")) as store:
+        _drop_if_stale(store, echo)
         echo("Indexing with the default model ...")
         report = index_paths(store, [folder], collection=DEMO_COLLECTION, progress=progress)
         echo(f"  indexed {report.indexed}, unchanged {report.unchanged}, skipped {len(report.skipped)}")
@@ -123,6 +124,18 @@ def run_demo(
     echo(f"Contact sheet: {result.contact_sheet}")
     echo(f'Next: {clipbt_command(home, db)} search "a blue star" --collection {DEMO_COLLECTION} --user {DEMO_USER}')
     return result
+
+
+def _drop_if_stale(store: Store, echo: Callable[[str], None]) -> None:
+    """Remove the demo's own collection when it was indexed by other weights than the shipped model's (an
+    earlier clipbt's), so that the demo re-indexes it instead of refusing to mix the two models."""
+    from indexer.encoder import model_identity
+
+    existing = store.find_collection(DEMO_COLLECTION)
+    model, pretrained = model_identity(None, None)
+    if existing is not None and (existing.model, existing.pretrained) != (model, pretrained):
+        echo(f"The shipped model changed since collection {DEMO_COLLECTION!r} was indexed; indexing it again.")
+        store.delete_collection(DEMO_COLLECTION)
 
 
 def clipbt_command(home: Path, db: str | None = None) -> str:

@@ -1,9 +1,18 @@
 """Train the shipped `clipbt-tiny` model contrastively on generated world images, then measure and report it.
 
-Command of the shipped weights: seed 0, 30 minutes of training (5007 steps of 128) plus half a minute to generate
-the pool and measure, 30.6 minutes in all, on a 2-core AMD EPYC CPU shared with other jobs (no GPU):
+The shipped weights come from two runs on a 2-core AMD EPYC CPU shared with other jobs (no GPU). First from random
+weights, seed 0, 30 minutes (5007 steps of 128; the weights shipped before, sha256:5cc2f0c1...; report
+benchmarks/results/default_model_base.json):
 
     python -m indexer.train_default --out indexer/default_model/clipbt-tiny.safetensors --minutes 30 --seed 0
+
+then, from a copy of those (base.safetensors), a fine-tune on world seed 3 whose captions also name quality and
+position and which reads the world's preference features off the embedding: 25 minutes, 2345 steps of 128, 25.9
+minutes in all (report benchmarks/results/default_model.json):
+
+    python -m indexer.train_default --out indexer/default_model/clipbt-tiny.safetensors --minutes 25 --seed 3 \
+        --init base.safetensors --lr 1e-3 --p-quality 0.4 --p-position 0.4 --hard 0.4 --hard-shape 0.2 \
+        --feature-weight 2
 
 It generates a pool of world images once (world seed = --seed), then takes AdamW steps on open_clip's ClipLoss over
 batches of pool images with freshly sampled captions. Half the batches hold a single colour, so that shape, the
@@ -11,10 +20,10 @@ hardest captioned attribute, decides the contrastive loss there (--hard-shape: a
 one shape, where quality, position, fill and size must decide). --p-quality and --p-position make captions name the
 image quality ("a blurry ...") and the position ("... on the left") that often, and --p-shape-only and
 --p-colour-only set the shares of captions that name only the shape or only the colour (indexer.world.caption).
---attribute-weight adds linear classifiers of the nameable attributes on the image embedding (AttributeHead), trained
-beside the contrastive loss and dropped from the written weights. --init starts from given weights (e.g. the shipped
-ones) instead of random. The learning rate warms up, then follows a cosine
-over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
+--attribute-weight adds linear classifiers of the nameable attributes on the image embedding (AttributeHead), and
+--feature-weight a read-out of the world's preference features along orthonormal directions at one spread
+(FeatureHead); both train beside the contrastive loss and are dropped from the written weights. --init starts from
+given weights instead of random. The learning rate warms up, then follows a cosine over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
 weights are written as fp16 safetensors; the report (benchmarks/results/default_model.json) measures the written
 file on held-out images."""
 
@@ -44,6 +53,7 @@ from indexer.world import (
     Attributes,
     WorldConfig,
     caption,
+    feature_matrix,
     generate,
     third,
 )
@@ -122,6 +132,25 @@ class AttributeHead(torch.nn.Module):
         return sum(torch.nn.functional.cross_entropy(z, targets[:, k]) for k, z in enumerate(logits)) / len(logits)
 
 
+class FeatureHead(torch.nn.Module):
+    """Reads the world's preference features (indexer.world.features, standardised on the training pool) off the
+    image embedding along orthonormal directions at one fixed scale, trained beside the contrastive loss and then
+    dropped: it asks every feature a simulated user's utility is linear in to be a direction of the embedding, each
+    with the same spread, so that an isotropic prior on a user's direction favours none of them."""
+
+    def __init__(self, dim: int, features: np.ndarray, scale: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(features.mean(0), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(np.maximum(features.std(0), 1e-6), dtype=torch.float32))
+        self.readout = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(dim, features.shape[1]))
+        self.scale = scale
+
+    def loss(self, unit_embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the read-out in units of the target spread (0: exact, 1: no better than zero)."""
+        standardised = (features - self.mean) / self.std
+        return ((self.readout(unit_embeddings) - self.scale * standardised) ** 2).mean() / self.scale**2
+
+
 def _lr(progress: float, base: float, warmup: float = 0.04) -> float:
     """Linear warm-up over the first `warmup` of training, then cosine decay to zero."""
     if progress < warmup:
@@ -164,6 +193,8 @@ def train(
     p_colour_only: float = 0.05,
     attribute_weight: float = 0.0,
     attribute_cosine_scale: float = 0.0,
+    feature_weight: float = 0.0,
+    feature_scale: float = 0.17,
 ) -> dict:
     if seed == HELD_OUT_SEED:
         raise SystemExit(f"--seed {seed} is the held-out world seed; pick another")
@@ -174,12 +205,16 @@ def train(
     )
     tokenizer = open_clip.get_tokenizer(DEFAULT_MODEL_NAME)
     loss_fn = open_clip.ClipLoss()
-    head = AttributeHead(model.text_projection.shape[1], attribute_cosine_scale) if attribute_weight else None
-    groups = _param_groups(model, 0.1) + ([{"params": head.parameters(), "weight_decay": 0.0}] if head else [])
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     start = time.time()
     pool, attrs = _pool(pool_size, seed, WorldConfig())
     targets = attribute_targets(attrs)
+    pool_features = feature_matrix(attrs)
+    dim = model.text_projection.shape[1]
+    head = AttributeHead(dim, attribute_cosine_scale) if attribute_weight else None
+    feature_head = FeatureHead(dim, pool_features, feature_scale) if feature_weight else None
+    pool_features = torch.tensor(pool_features, dtype=torch.float32)
+    heads = [{"params": h.parameters(), "weight_decay": 0.0} for h in (head, feature_head) if h]
+    optimizer = torch.optim.AdamW(_param_groups(model, 0.1) + heads, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     colours = np.array([a.colour for a in attrs])
     same_colour = [np.flatnonzero(colours == c) for c in np.unique(colours)]
     kinds = np.array([f"{a.colour} {a.shape}" for a in attrs])
@@ -209,7 +244,8 @@ def train(
         image_features, text_features, logit_scale = model(_normalise(pool[batch]), texts)
         contrastive = loss_fn(image_features, text_features, logit_scale)
         attribute_loss = head.loss(image_features, targets[batch]) if head else torch.zeros(())
-        loss = contrastive + attribute_weight * attribute_loss
+        feature_loss = feature_head.loss(image_features, pool_features[batch]) if feature_head else torch.zeros(())
+        loss = contrastive + attribute_weight * attribute_loss + feature_weight * feature_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -219,6 +255,7 @@ def train(
         if step % 25 == 0:
             print(
                 f"step {step} {elapsed / 60:5.1f} min loss {contrastive.item():.3f} attributes {attribute_loss.item():.3f} "
+                f"features {feature_loss.item():.3f} "
                 f"lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"scale {model.logit_scale.exp().item():.1f}",
                 flush=True,
@@ -256,6 +293,8 @@ def train(
         "p_colour_only_caption": p_colour_only,
         "attribute_weight": attribute_weight,
         "attribute_cosine_scale": attribute_cosine_scale,
+        "feature_weight": feature_weight,
+        "feature_scale": feature_scale,
         "init": str(init) if init else None,
         "lr": lr,
         "machine": f"CPU only, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
@@ -298,6 +337,18 @@ def main() -> None:
         help="> 0: the attribute classifiers use unit directions at this fixed scale (0: plain linear)",
     )
     parser.add_argument(
+        "--feature-weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary loss that reads the world's preference features off the embedding (0: none)",
+    )
+    parser.add_argument(
+        "--feature-scale",
+        type=float,
+        default=0.17,
+        help="spread of each standardised feature along its direction of the unit embedding",
+    )
+    parser.add_argument(
         "--init", type=Path, default=None, help="start from these weights (safetensors) instead of random"
     )
     parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between held-out progress checks")
@@ -323,6 +374,8 @@ def main() -> None:
         args.p_colour_only,
         args.attribute_weight,
         args.attribute_cosine_scale,
+        args.feature_weight,
+        args.feature_scale,
     )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")

@@ -4,8 +4,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.cli import main
-from engine.demo import DemoConfig, demo_user, matches_taste, run_demo
+from engine.demo import DEMO_COLLECTION, DemoConfig, demo_user, matches_taste, run_demo
+from indexer.encoder import model_identity
 from indexer.world import generate
+from storage import Store, StoreConfig
 
 
 def test_demo_taste_share_improves_after_adaptation(tmp_path):
@@ -32,3 +34,15 @@ def test_demo_command_runs_through_the_cli(tmp_path):
     out = CliRunner().invoke(main, ["--home", str(tmp_path), "demo", "--images", "120", "--questions", "5"])
     assert out.exit_code == 0, out.output
     assert "after adaptation" in out.output and "Contact sheet:" in out.output
+
+
+def test_demo_indexes_again_a_collection_left_by_earlier_shipped_weights(tmp_path):
+    earlier = "sha256:" + "0" * 64
+    with Store.open(None, home=tmp_path, config=StoreConfig(index_dir=tmp_path / "indexes")) as store:
+        store.create_collection(DEMO_COLLECTION, "clipbt-tiny", earlier, 128)
+    lines = []
+    run_demo(tmp_path, DemoConfig(images=60, questions=3, candidates=20, k=5), echo=lines.append, progress=False)
+    assert any("The shipped model changed" in line for line in lines), "\n".join(lines)
+    with Store.open(None, home=tmp_path) as store:
+        assert store.collection(DEMO_COLLECTION).pretrained == model_identity(None, None)[1] != earlier
+        assert len(store.image_ids(DEMO_COLLECTION)) == 60

@@ -1,12 +1,12 @@
-"""The default model's training script: the auxiliary attribute targets and head."""
+"""The default model's training script: the auxiliary attribute targets and heads."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from indexer.train_default import ATTRIBUTE_CLASSES, AttributeHead, attribute_targets
-from indexer.world import generate
+from indexer.train_default import ATTRIBUTE_CLASSES, AttributeHead, FeatureHead, attribute_targets
+from indexer.world import feature_matrix, generate
 
 
 def test_attribute_targets_name_each_image_s_classes_with_position_in_thirds():
@@ -40,3 +40,20 @@ def test_attribute_head_loss_is_the_mean_cross_entropy_over_attributes(cosine_sc
         expected.append(-torch.log_softmax(part, dim=1)[torch.arange(5), targets[:, k]].mean())
         start += len(classes)
     assert torch.allclose(head.loss(embeddings, targets), torch.stack(expected).mean())
+
+
+def test_feature_head_reads_standardised_features_along_orthonormal_directions_at_its_scale():
+    torch.manual_seed(0)
+    features = feature_matrix([a for _, a in generate(60, seed=2)])
+    head = FeatureHead(40, features, scale=0.2)
+    directions, bias = head.readout.weight.detach(), head.readout.bias.detach()
+    assert torch.allclose(directions @ directions.T, torch.eye(features.shape[1]), atol=1e-5)
+    standardised = torch.tensor((features - features.mean(0)) / features.std(0), dtype=torch.float32)
+    exact = (0.2 * standardised - bias) @ directions  # reads back exactly 0.2 * standardised
+    aside = torch.randn(60, 40)
+    aside -= aside @ directions.T @ directions  # orthogonal to every read-out direction: invisible to the loss
+    features_t = torch.tensor(features, dtype=torch.float32)
+    assert head.loss(exact + aside, features_t).item() < 1e-8
+    embeddings = torch.nn.functional.normalize(torch.randn(60, 40), dim=-1)
+    reference = ((embeddings @ directions.T + bias - 0.2 * standardised) ** 2).mean() / 0.04
+    assert torch.allclose(head.loss(embeddings, features_t), reference, rtol=1e-5)

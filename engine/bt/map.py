@@ -12,13 +12,14 @@ from engine.bt.threads import numpy_blas_on_one_thread
 
 PARALLEL_FROM = 64  # queries per thread at least when map_fit spreads a batch over the cores
 _FULL_STEP_DECREMENT = 1e-8  # below this squared Newton decrement a Newton step is taken whole
+PRIOR_PRECISION = 120.0  # search's lambda, chosen by duel taste and relevance (benchmarks/bench_duels.py, README)
 
 
 @dataclass(frozen=True)
 class MapConfig:
-    """Hyper-parameters of MAP adaptation; defaults chosen by `clipbt bench preference` on the world (README)."""
+    """Hyper-parameters of MAP adaptation; the benchmark tunes its own (`clipbt bench preference`), search uses these."""
 
-    prior_precision: float = 30.0  # lambda: 1 / variance of the Gaussian prior on x around the query x0
+    prior_precision: float = PRIOR_PRECISION  # lambda: 1 / variance of the Gaussian prior on x around the query x0
     beta: float = 10.0  # inverse temperature of the BT probability sigmoid(beta * (s(x, y1) - s(x, y2)))
     steps: int = 25  # at most this many Newton steps (each halved until the objective falls)
     tol: float = 1e-10  # stop a query once its squared Newton decrement is below this: x within about
@@ -53,7 +54,7 @@ def map_adapt_reference(
     preferred,
     rejected,
     weights=None,
-    prior_precision: float = 30.0,
+    prior_precision: float = PRIOR_PRECISION,
     beta: float = 10.0,
     steps: int = 100,
     tol: float = 1e-14,
@@ -101,14 +102,26 @@ class MapFit:
 
 
 def map_adapt_many(
-    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-14
+    queries,
+    pair_sets,
+    weights,
+    prior_precision: float = PRIOR_PRECISION,
+    beta: float = 10.0,
+    steps: int = 25,
+    tol: float = 1e-14,
 ) -> np.ndarray:
     """MAP adaptation of B queries, query b on its own `PairSet` (the posterior modes of `map_fit`). Returns (B, d) float32."""
     return map_fit(queries, pair_sets, weights, prior_precision, beta, steps, tol).queries
 
 
 def map_fit(
-    queries, pair_sets, weights, prior_precision: float = 30.0, beta: float = 10.0, steps: int = 25, tol: float = 1e-14
+    queries,
+    pair_sets,
+    weights,
+    prior_precision: float = PRIOR_PRECISION,
+    beta: float = 10.0,
+    steps: int = 25,
+    tol: float = 1e-14,
 ) -> MapFit:
     """argmin_x `map_objective` for B queries, query b with its own `PairSet` and weights (None: all ones).
 
