@@ -23,9 +23,9 @@ image quality ("a blurry ...") and the position ("... on the left") that often, 
 --attribute-weight adds linear classifiers of the nameable attributes on the image embedding (AttributeHead), and
 --feature-weight a read-out of the world's preference features along orthonormal directions at one spread
 (FeatureHead); both train beside the contrastive loss and are dropped from the written weights. --init starts from
-given weights instead of random. The learning rate warms up, then follows a cosine over the wall-time budget (or over --steps when given, for a step count that does not depend on the machine). The
-weights are written as fp16 safetensors; the report (benchmarks/results/default_model.json) measures the written
-file on held-out images."""
+given weights instead of random. The learning rate warms up, then follows a cosine over the wall-time budget (or
+over --steps when given, for a step count that does not depend on the machine). The weights are written as fp16
+safetensors; the report (benchmarks/results/default_model.json) measures the written file on held-out images."""
 
 import argparse
 import json
