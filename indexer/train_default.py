@@ -138,10 +138,10 @@ class FeatureHead(torch.nn.Module):
     dropped: it asks every feature a simulated user's utility is linear in to be a direction of the embedding, each
     with the same spread, so that an isotropic prior on a user's direction favours none of them."""
 
-    def __init__(self, dim: int, features: np.ndarray, scale: float):
+    def __init__(self, dim: int, features: torch.Tensor, scale: float):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(features.mean(0), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(np.maximum(features.std(0), 1e-6), dtype=torch.float32))
+        self.register_buffer("mean", features.mean(0))
+        self.register_buffer("std", features.std(0, unbiased=False).clamp_min(1e-6))
         self.readout = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(dim, features.shape[1]))
         self.scale = scale
 
@@ -208,11 +208,10 @@ def train(
     start = time.time()
     pool, attrs = _pool(pool_size, seed, WorldConfig())
     targets = attribute_targets(attrs)
-    pool_features = feature_matrix(attrs)
+    pool_features = torch.tensor(feature_matrix(attrs), dtype=torch.float32)
     dim = model.text_projection.shape[1]
     head = AttributeHead(dim, attribute_cosine_scale) if attribute_weight else None
     feature_head = FeatureHead(dim, pool_features, feature_scale) if feature_weight else None
-    pool_features = torch.tensor(pool_features, dtype=torch.float32)
     heads = [{"params": h.parameters(), "weight_decay": 0.0} for h in (head, feature_head) if h]
     optimizer = torch.optim.AdamW(_param_groups(model, 0.1) + heads, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     colours = np.array([a.colour for a in attrs])

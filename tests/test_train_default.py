@@ -45,14 +45,14 @@ def test_attribute_head_loss_is_the_mean_cross_entropy_over_attributes(cosine_sc
 def test_feature_head_reads_standardised_features_along_orthonormal_directions_at_its_scale():
     torch.manual_seed(0)
     features = feature_matrix([a for _, a in generate(60, seed=2)])
-    head = FeatureHead(40, features, scale=0.2)
+    features_t = torch.tensor(features, dtype=torch.float32)
+    head = FeatureHead(40, features_t, scale=0.2)
     directions, bias = head.readout.weight.detach(), head.readout.bias.detach()
     assert torch.allclose(directions @ directions.T, torch.eye(features.shape[1]), atol=1e-5)
     standardised = torch.tensor((features - features.mean(0)) / features.std(0), dtype=torch.float32)
     exact = (0.2 * standardised - bias) @ directions  # reads back exactly 0.2 * standardised
     aside = torch.randn(60, 40)
     aside -= aside @ directions.T @ directions  # orthogonal to every read-out direction: invisible to the loss
-    features_t = torch.tensor(features, dtype=torch.float32)
     assert head.loss(exact + aside, features_t).item() < 1e-8
     embeddings = torch.nn.functional.normalize(torch.randn(60, 40), dim=-1)
     reference = ((embeddings @ directions.T + bias - 0.2 * standardised) ** 2).mean() / 0.04
